@@ -1,0 +1,4 @@
+"""Drafters: one per file, all behind the protocol in :mod:`fastspec.drafters.base`."""
+from fastspec.drafters.base import CommitInfo, DraftOutput, Drafter, DraftRequest, DraftStep, SamplingParams
+
+__all__ = ["Drafter", "DraftRequest", "DraftStep", "DraftOutput", "CommitInfo", "SamplingParams"]

@@ -1,0 +1,116 @@
+"""The drafter protocol: how the engine talks to anything that proposes tokens.
+
+One request (a batch of rows) goes through:
+
+    drafter.begin(request)               # once: source/prompt, sampling settings
+    loop:
+        out = drafter.draft(step)        # γ tokens per row (+ q unless deterministic)
+        ... target verifies ...
+        drafter.commit(result)           # accepted prefix + 1 target token per row;
+                                         # stateful drafters roll caches back here
+    drafter.end()
+
+Rows are independent: every tensor has the batch dimension first, and rows may have
+generated different numbers of tokens (ragged acceptance).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The target's processing, which a stochastic drafter must also apply to its q."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+
+
+@dataclass
+class DraftRequest:
+    """What a drafter learns once per request.
+
+    source_ids: [B,S] the encoder input for seq2seq targets, the prompt for causal ones.
+    source_mask: [B,S] 1 for real tokens (left or right padding allowed).
+    is_encoder_decoder: True for seq2seq targets: the target's output starts at the
+        decoder start token, not at the prompt.
+    decoder_start_token_id: first output token for seq2seq targets (else None).
+    vocab_size: the target's vocabulary size.
+    sampling: the target's processing settings.
+    generator: the request's torch.Generator (seeded by ``seed``), or None.
+    """
+
+    source_ids: torch.Tensor
+    source_mask: torch.Tensor
+    is_encoder_decoder: bool
+    vocab_size: int
+    decoder_start_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    eos_token_id: Optional[list] = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    generator: Optional[torch.Generator] = None
+
+
+@dataclass
+class DraftStep:
+    """The state before one draft call.
+
+    generated: [B,G] tokens each row has emitted so far (excluding the prompt and the
+        decoder start token), right-padded with -1.
+    num_generated: [B] int64 valid length of each row of ``generated``.
+    active: [B] bool, False for rows that have finished (their drafts are ignored).
+    gamma: how many tokens to draft per row.
+    """
+
+    generated: torch.Tensor
+    num_generated: torch.Tensor
+    active: torch.Tensor
+    gamma: int
+
+
+@dataclass
+class DraftOutput:
+    """tokens: [B,γ] int64 in [0, V).  probs: [B,γ,V] float32 q, or None if deterministic."""
+
+    tokens: torch.Tensor
+    probs: Optional[torch.Tensor] = None
+
+
+@dataclass
+class CommitInfo:
+    """The verify result for one step.
+
+    output_tokens: [B,γ+1] int64: accepted drafts then the recovered/bonus token, -1 padded.
+    num_accepted: [B] int64 accepted draft tokens per row (inactive rows: 0 and ignored).
+    active: [B] bool rows that took part in this step.
+    """
+
+    output_tokens: torch.Tensor
+    num_accepted: torch.Tensor
+    active: torch.Tensor
+
+
+class Drafter:
+    """Base class. Subclasses set ``deterministic`` (True: draft returns probs=None and
+    the verifier treats q as one-hot) and implement ``draft``."""
+
+    deterministic: bool = True
+    vocab_size: Optional[int] = None  # None = adapts to the target's vocabulary
+
+    def begin(self, request: DraftRequest) -> None:
+        self.request = request
+
+    def draft(self, step: DraftStep) -> DraftOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def commit(self, info: CommitInfo) -> None:
+        """Stateless drafters need nothing here; stateful ones roll back their caches."""
+
+    def end(self) -> None:
+        self.request = None
