@@ -41,10 +41,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column])
     if not columns:
         raise ValueError("markdown_table needs at least one column")
     cells = [[c.fmt(row.get(c.key)) for c in columns] for row in rows]
-    numeric = [
-        all(isinstance(row.get(c.key), (int, float)) and not isinstance(row.get(c.key), bool) for row in rows) and bool(rows)
-        for c in columns
-    ]
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    present = [[row.get(c.key) for row in rows if row.get(c.key) is not None] for c in columns]
+    numeric = [bool(vals) and all(is_number(v) for v in vals) for vals in present]
     header = "| " + " | ".join(c.header for c in columns) + " |"
     rule = "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"
     body = ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells]
