@@ -1,0 +1,123 @@
+"""Teacher-forced logits of a HF model (the target, or an HF drafter) on given outputs.
+
+Works for seq2seq (encoder source, decoder starts at ``decoder_start_token_id``) and for
+causal models (prompt and output concatenated per row). Everything else in distill/ goes
+through here, so both model kinds are handled in one place.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def hf_model(target):
+    """The ``transformers`` model behind a fastspec target (or the model itself)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(target, PreTrainedModel):
+        return target
+    for name in ("model", "hf_model"):
+        inner = getattr(target, name, None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    if isinstance(target, torch.nn.Module):
+        return target
+    raise TypeError(f"cannot find a transformers model in {type(target).__name__}")
+
+
+def is_encoder_decoder(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def pad_token_id(model) -> int:
+    config = model.config
+    for value in (getattr(config, "pad_token_id", None), _first(getattr(config, "eos_token_id", None))):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def eos_token_ids(model) -> List[int]:
+    gen = getattr(model, "generation_config", None)
+    value = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if value is None:
+        value = getattr(model.config, "eos_token_id", None)
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def vocab_size(model) -> int:
+    """Logit width: the output embedding rows (may exceed the tokenizer's size)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is not None:
+        return int(out.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _first(value):
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None):
+    """Lists of ids -> (ids [B,L] int64, mask [B,L] int64), right padded."""
+    longest = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), max(longest, 1)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device=None):
+    """Lists of ids -> (ids [B,L], mask [B,L]), left padded (causal generation)."""
+    longest = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), max(longest, 1)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            ids[row, longest - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, longest - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def teacher_forced_logits(
+    model,
+    source_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    device=None,
+) -> tuple:
+    """Logits that predict each output token given the source and the output prefix.
+
+    source_ids / output_ids: per-row token lists (no padding).
+    Returns (logits [B,T,V] float, mask [B,T] bool) with T = the longest output; row b's
+    position t predicts output_ids[b][t].
+    """
+    device = device if device is not None else next(model.parameters()).device
+    pad = pad_token_id(model)
+    out_ids, out_mask = pad_right(output_ids, pad, device)  # [B,T]
+    if is_encoder_decoder(model):
+        src, src_mask = pad_right(source_ids, pad, device)  # [B,S]
+        start = model.config.decoder_start_token_id
+        start = pad if start is None else int(start)
+        dec_in = torch.cat([torch.full_like(out_ids[:, :1], start), out_ids[:, :-1]], dim=1)  # [B,T]
+        dec_mask = torch.cat([torch.ones_like(out_mask[:, :1]), out_mask[:, :-1]], dim=1)
+        logits = model(
+            input_ids=src, attention_mask=src_mask, decoder_input_ids=dec_in, decoder_attention_mask=dec_mask
+        ).logits  # [B,T,V]
+        return logits, out_mask.bool()
+    # causal: row = prompt + output, right padded; gather the positions before each output token
+    rows = [list(s) + list(o) for s, o in zip(source_ids, output_ids)]
+    ids, mask = pad_right(rows, pad, device)  # [B,S+T]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # [B,S+T,V]
+    src_len = torch.tensor([len(s) for s in source_ids], device=device)  # [B]
+    steps = torch.arange(out_ids.shape[1], device=device)  # [T]
+    gather_at = (src_len[:, None] - 1 + steps[None, :]).clamp(0, ids.shape[1] - 1)  # [B,T]
+    picked = logits.gather(1, gather_at[..., None].expand(-1, -1, logits.shape[-1]))  # [B,T,V]
+    return picked, out_mask.bool()
