@@ -1,0 +1,121 @@
+#include "neural_drafters.h"
+
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+
+namespace fastspec {
+namespace runtime {
+namespace {
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the embedding is on ", ref.device());
+}
+
+// Embedding lookup (+ optional projection): tokens [...] -> [..., D]. Pads (-1) read row 0;
+// callers mask them.
+at::Tensor embed_tokens(const at::Tensor& tokens, const at::Tensor& embed, const std::optional<at::Tensor>& w,
+                        const std::optional<at::Tensor>& b) {
+  at::Tensor x = at::embedding(embed, tokens.clamp_min(0));
+  if (w.has_value() && w->defined()) x = at::linear(x, *w, b.has_value() ? *b : at::Tensor());
+  return x;
+}
+
+at::Tensor head_logits(const at::Tensor& x, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b) {
+  return at::linear(x, head_w, head_b.has_value() ? *head_b : at::Tensor());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cnn_draft_greedy(
+    const at::Tensor& window, const at::Tensor& src_bias, const at::Tensor& embed,
+    const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
+    const std::vector<at::Tensor>& conv_w, const std::vector<at::Tensor>& conv_b, const at::Tensor& norm_w,
+    const at::Tensor& norm_b, double norm_eps, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
+    int64_t gamma) {
+  TORCH_CHECK(gamma >= 1, "cnn_draft_greedy: gamma must be >= 1, got ", gamma);
+  TORCH_CHECK(window.dim() == 2 && window.scalar_type() == at::kLong, "cnn_draft_greedy: window must be [B,R] int64");
+  TORCH_CHECK(window.size(1) >= 1, "cnn_draft_greedy: window must hold at least one position");
+  TORCH_CHECK(embed.dim() == 2, "cnn_draft_greedy: embed must be [V,E]");
+  TORCH_CHECK(conv_w.size() == conv_b.size() && !conv_w.empty(), "cnn_draft_greedy: need L >= 1 conv weights and biases");
+  TORCH_CHECK(src_bias.dim() == 2 && src_bias.size(0) == window.size(0), "cnn_draft_greedy: src_bias must be [B,D]");
+  TORCH_CHECK(head_w.dim() == 2 && head_w.size(0) == embed.size(0), "cnn_draft_greedy: head_w must be [V,D]");
+  check_same_device(window, embed, "window");
+  check_same_device(src_bias, embed, "src_bias");
+  const int64_t V = embed.size(0);
+  const int64_t B = window.size(0);
+  TORCH_CHECK(window.numel() == 0 || window.max().item<int64_t>() < V, "cnn_draft_greedy: token id >= vocab size ", V);
+  c10::NoGradGuard no_grad;
+
+  at::Tensor win = window.clone();  // [B,R]
+  at::Tensor tokens = at::empty({B, gamma}, window.options());
+  std::vector<at::Tensor> step_logits;
+  step_logits.reserve(gamma);
+  for (int64_t s = 0; s < gamma; ++s) {
+    at::Tensor mask = win.ge(0).unsqueeze(-1).to(src_bias.scalar_type());  // [B,R,1]
+    at::Tensor x = (embed_tokens(win, embed, in_proj_w, in_proj_b) + src_bias.unsqueeze(1)) * mask;  // [B,R,D]
+    for (size_t l = 0; l < conv_w.size(); ++l) {
+      const int64_t k = conv_w[l].size(2);
+      at::Tensor y = at::conv1d(at::constant_pad_nd(x.transpose(1, 2), {k - 1, 0}), conv_w[l], conv_b[l]);  // [B,D,R]
+      x = (x + at::gelu(y.transpose(1, 2))) * mask;
+    }
+    at::Tensor last = x.select(1, x.size(1) - 1);  // [B,D]
+    last = at::layer_norm(last, {last.size(-1)}, norm_w, norm_b, norm_eps);
+    at::Tensor logits = head_logits(last, head_w, head_b);  // [B,V]
+    at::Tensor next = logits.argmax(-1);                     // [B]
+    tokens.select(1, s).copy_(next);
+    step_logits.push_back(logits);
+    win = at::cat({win.narrow(1, 1, win.size(1) - 1), next.unsqueeze(1)}, 1);
+  }
+  return {tokens, at::stack(step_logits, 1)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft_greedy(
+    const at::Tensor& last, const at::Tensor& h, const at::Tensor& c, const at::Tensor& embed,
+    const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
+    const std::vector<at::Tensor>& w_ih, const std::vector<at::Tensor>& w_hh, const std::vector<at::Tensor>& b_ih,
+    const std::vector<at::Tensor>& b_hh, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
+    int64_t gamma) {
+  TORCH_CHECK(gamma >= 1, "lstm_draft_greedy: gamma must be >= 1, got ", gamma);
+  TORCH_CHECK(last.dim() == 1 && last.scalar_type() == at::kLong, "lstm_draft_greedy: last must be [B] int64");
+  TORCH_CHECK(embed.dim() == 2, "lstm_draft_greedy: embed must be [V,E]");
+  const int64_t L = static_cast<int64_t>(w_ih.size());
+  TORCH_CHECK(L >= 1 && (int64_t)w_hh.size() == L && (int64_t)b_ih.size() == L && (int64_t)b_hh.size() == L,
+              "lstm_draft_greedy: need L >= 1 of each of w_ih, w_hh, b_ih, b_hh");
+  TORCH_CHECK(h.dim() == 3 && h.sizes() == c.sizes() && h.size(0) == L && h.size(1) == last.size(0),
+              "lstm_draft_greedy: h and c must both be [L,B,H] with L=", L, " B=", last.size(0));
+  TORCH_CHECK(head_w.dim() == 2 && head_w.size(0) == embed.size(0), "lstm_draft_greedy: head_w must be [V,H]");
+  check_same_device(last, embed, "last");
+  check_same_device(h, embed, "h");
+  check_same_device(c, embed, "c");
+  const int64_t V = embed.size(0);
+  TORCH_CHECK(last.numel() == 0 || (last.min().item<int64_t>() >= 0 && last.max().item<int64_t>() < V),
+              "lstm_draft_greedy: token ids must be in [0, ", V, ")");
+  c10::NoGradGuard no_grad;
+
+  const int64_t B = last.size(0);
+  std::vector<at::Tensor> hs(h.unbind(0)), cs(c.unbind(0));  // L x [B,H]
+  at::Tensor tokens = at::empty({B, gamma}, last.options());
+  std::vector<at::Tensor> step_logits, h_all, c_all;
+  at::Tensor feed = last;
+  for (int64_t s = 0; s <= gamma; ++s) {
+    at::Tensor x = embed_tokens(feed, embed, in_proj_w, in_proj_b);  // [B,D]
+    for (int64_t l = 0; l < L; ++l) {
+      at::Tensor gates = at::linear(x, w_ih[l], b_ih[l]) + at::linear(hs[l], w_hh[l], b_hh[l]);  // [B,4H]
+      auto g = gates.chunk(4, 1);
+      cs[l] = at::sigmoid(g[1]) * cs[l] + at::sigmoid(g[0]) * at::tanh(g[2]);
+      hs[l] = at::sigmoid(g[3]) * at::tanh(cs[l]);
+      x = hs[l];
+    }
+    h_all.push_back(at::stack(hs, 0));
+    c_all.push_back(at::stack(cs, 0));
+    if (s == gamma) break;  // the last feed only advances the state (for a full accept)
+    at::Tensor logits = head_logits(x, head_w, head_b);  // [B,V]
+    feed = logits.argmax(-1);
+    tokens.select(1, s).copy_(feed);
+    step_logits.push_back(logits);
+  }
+  return {tokens, at::stack(step_logits, 1), at::stack(h_all, 0), at::stack(c_all, 0)};
+}
+
+}  // namespace runtime
+}  // namespace fastspec

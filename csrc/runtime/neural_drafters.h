@@ -1,0 +1,41 @@
+// C++ drafter runtime for the neural drafters: the whole γ-step greedy drafting loop
+// in one native call, built from ATen ops (this is the one place outside csrc/torch/
+// allowed to include torch). The Python twins are CNNDrafter/LSTMDrafter._draft_python.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fastspec {
+namespace runtime {
+
+// Causal CNN drafter (fastspec/drafters/cnn.py: CausalConvLM).
+//   window: [B,R] int64, the last R tokens of each row, left-padded with -1 (R = receptive field).
+//   src_bias: [B,D] the per-request source summary added to every input position.
+//   embed: [V,E]; in_proj_w/b: [D,E]/[D] or none (E == D); conv_w: L x [D,D,k]; conv_b: L x [D];
+//   norm_w/b: [D]; head_w: [V,D]; head_b: [V] or none.
+// Returns tokens [B,γ] int64 and logits [B,γ,V] (float of the weights' dtype).
+std::tuple<at::Tensor, at::Tensor> cnn_draft_greedy(
+    const at::Tensor& window, const at::Tensor& src_bias, const at::Tensor& embed,
+    const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
+    const std::vector<at::Tensor>& conv_w, const std::vector<at::Tensor>& conv_b, const at::Tensor& norm_w,
+    const at::Tensor& norm_b, double norm_eps, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
+    int64_t gamma);
+
+// Unidirectional LSTM drafter (fastspec/drafters/lstm.py: LSTMLM).
+//   last: [B] int64, the last committed token of each row (not yet consumed by the state).
+//   h, c: [L,B,H] state after all earlier tokens.
+//   w_ih: L x [4H,in], w_hh: L x [4H,H], b_ih/b_hh: L x [4H] (PyTorch gate order i,f,g,o).
+// Returns tokens [B,γ], logits [B,γ,V], h_all/c_all [γ+1,L,B,H]: the state after feeding
+// last, d_1, ..., d_γ, so a commit with a accepted drafts rolls back to h_all[a].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft_greedy(
+    const at::Tensor& last, const at::Tensor& h, const at::Tensor& c, const at::Tensor& embed,
+    const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
+    const std::vector<at::Tensor>& w_ih, const std::vector<at::Tensor>& w_hh, const std::vector<at::Tensor>& b_ih,
+    const std::vector<at::Tensor>& b_hh, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
+    int64_t gamma);
+
+}  // namespace runtime
+}  // namespace fastspec

@@ -1,0 +1,62 @@
+// Registration of the drafter runtime ops: torch.ops.fastspec.{prompt_lookup_draft,
+// cnn_draft_greedy, lstm_draft_greedy}. Python faces: fastspec/drafters/{prompt_lookup,cnn,lstm}.py.
+#include <torch/library.h>
+
+#include "../runtime/neural_drafters.h"
+#include "fastspec/prompt_lookup.h"
+
+namespace {
+
+// source [B,S], generated [B,G] int64 CPU; source_len/gen_len [B] int64 valid lengths.
+// Returns tokens [B,gamma] (-1 where nothing matched) and num_drafted [B].
+std::tuple<at::Tensor, at::Tensor> prompt_lookup_draft_op(const at::Tensor& source, const at::Tensor& source_len,
+                                                          const at::Tensor& generated, const at::Tensor& gen_len,
+                                                          int64_t gamma, int64_t max_n, int64_t min_n,
+                                                          bool source_is_prefix) {
+  TORCH_CHECK(source.dim() == 2 && generated.dim() == 2, "prompt_lookup_draft: source and generated must be 2-D");
+  const int64_t B = source.size(0);
+  TORCH_CHECK(generated.size(0) == B, "prompt_lookup_draft: batch mismatch (source ", B, ", generated ",
+              generated.size(0), ")");
+  TORCH_CHECK(source_len.dim() == 1 && source_len.size(0) == B && gen_len.dim() == 1 && gen_len.size(0) == B,
+              "prompt_lookup_draft: source_len and gen_len must be [B]");
+  for (const at::Tensor* t : {&source, &generated, &source_len, &gen_len}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong, "prompt_lookup_draft: all inputs must be int64");
+    TORCH_CHECK(t->device().is_cpu(), "prompt_lookup_draft: inputs must be CPU tensors (token ids are tiny)");
+  }
+  TORCH_CHECK(gamma >= 1 && gamma <= 1024, "prompt_lookup_draft: gamma must be in [1, 1024], got ", gamma);
+  TORCH_CHECK(min_n >= 1 && max_n >= min_n && max_n <= 1024, "prompt_lookup_draft: need 1 <= min_n <= max_n <= 1024, got min_n=",
+              min_n, " max_n=", max_n);
+  at::Tensor src = source.contiguous(), gen = generated.contiguous();
+  at::Tensor slen = source_len.contiguous(), glen = gen_len.contiguous();
+  at::Tensor tokens = at::empty({B, gamma}, source.options());
+  at::Tensor num = at::empty({B}, source.options());
+  fastspec::PromptLookupParams p;
+  p.gamma = static_cast<int32_t>(gamma);
+  p.max_n = static_cast<int32_t>(max_n);
+  p.min_n = static_cast<int32_t>(min_n);
+  p.source_is_prefix = source_is_prefix;
+  const int32_t rc = fastspec::prompt_lookup_draft(src.data_ptr<int64_t>(), slen.data_ptr<int64_t>(), src.size(1),
+                                                   gen.data_ptr<int64_t>(), glen.data_ptr<int64_t>(), gen.size(1), B,
+                                                   p, tokens.data_ptr<int64_t>(), num.data_ptr<int64_t>());
+  TORCH_CHECK(rc == 0, "prompt_lookup_draft: a row length is negative or longer than its tensor");
+  return {tokens, num};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastspec, m) {
+  m.def(
+      "prompt_lookup_draft(Tensor source, Tensor source_len, Tensor generated, Tensor gen_len, int gamma, "
+      "int max_n, int min_n, bool source_is_prefix) -> (Tensor, Tensor)",
+      &prompt_lookup_draft_op);
+  m.def(
+      "cnn_draft_greedy(Tensor window, Tensor src_bias, Tensor embed, Tensor? in_proj_w, Tensor? in_proj_b, "
+      "Tensor[] conv_w, Tensor[] conv_b, Tensor norm_w, Tensor norm_b, float norm_eps, Tensor head_w, "
+      "Tensor? head_b, int gamma) -> (Tensor, Tensor)",
+      &fastspec::runtime::cnn_draft_greedy);
+  m.def(
+      "lstm_draft_greedy(Tensor last, Tensor h, Tensor c, Tensor embed, Tensor? in_proj_w, Tensor? in_proj_b, "
+      "Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, Tensor[] b_hh, Tensor head_w, Tensor? head_b, int gamma) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      &fastspec::runtime::lstm_draft_greedy);
+}
