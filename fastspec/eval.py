@@ -22,7 +22,7 @@ import argparse
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -43,6 +43,23 @@ class Decoder:
     drafter: Any = None
     gamma: Optional[int] = None
     info: Dict[str, Any] = field(default_factory=dict)  # shown in reports (kind, training)
+    # Another generator to compare with, e.g. HF generate: fn(input_ids [1,S], max_new_tokens, **kwargs)
+    # -> sequences [1,T] like HF generate(). It reports no speculative metrics.
+    generate_fn: Optional[Callable[..., torch.Tensor]] = None
+
+
+def hf_generate_decoder(model, name: str = "HF generate", **hf_kwargs) -> Decoder:
+    """transformers' own ``model.generate`` as a decoder (``hf_kwargs``: e.g. assistant_model,
+    prompt_lookup_num_tokens). Sampling is seeded through ``torch.manual_seed(seed)``."""
+
+    def run(input_ids, max_new_tokens, seed=None, **kwargs):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        with torch.no_grad():
+            return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                  **hf_kwargs, **kwargs)
+
+    return Decoder(name, generate_fn=run, info={"kind": "hf"})
 
 
 @dataclass
@@ -176,12 +193,15 @@ def decode_all(
     for prompt in prompts:
         input_ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
         for d in decoders:
-            run_gamma = runs[d.name].gamma
-            extra = {} if d.drafter is None else {"gamma": run_gamma}
             start = time.perf_counter()
-            out = fastspec.generate(target, d.drafter, input_ids=input_ids, max_new_tokens=max_new_tokens, **extra, **kwargs)
+            if d.generate_fn is not None:
+                sequences, metrics = d.generate_fn(input_ids, max_new_tokens, **kwargs), {}
+            else:
+                extra = {} if d.drafter is None else {"gamma": runs[d.name].gamma}
+                out = fastspec.generate(target, d.drafter, input_ids=input_ids, max_new_tokens=max_new_tokens, **extra, **kwargs)
+                sequences, metrics = out.sequences, dict(out.metrics)
             wall = time.perf_counter() - start
-            runs[d.name].add(new_tokens_of(out.sequences, input_ids.shape[1], is_encoder_decoder), dict(out.metrics), wall)
+            runs[d.name].add(new_tokens_of(sequences, input_ids.shape[1], is_encoder_decoder), metrics, wall)
             bar.update(1)
     bar.close()
     return runs

@@ -7,49 +7,29 @@ import torch
 
 from fastspec import eval as fseval
 from fastspec import report
-from fastspec.drafters.base import DraftOutput, Drafter
+from fastspec.drafters.oracle import OracleDrafter
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    # TODO: switch to the shared conftest fixture when it lands
-    from transformers import LlamaConfig, LlamaForCausalLM
+class ScriptedDrafter(OracleDrafter):
+    """The engine's OracleDrafter with one continuation per prompt (the AR output), corrupting
+    every position i with (i + 1) % period == 0, so acceptance is partial and hand-countable.
+    Logs every draft of row 0 as (num_generated, tokens), one list per request."""
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=111, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
-
-
-class ScriptedDrafter(Drafter):
-    """Drafts the known greedy continuation ``script`` but corrupts every position whose
-    absolute index i satisfies i % period == period - 1, so acceptance is partial and
-    hand-countable. Logs every draft (row 0) as (num_generated, tokens)."""
-
-    deterministic = True
-
-    def __init__(self, scripts, vocab_size, period=3):
+    def __init__(self, scripts, period=3):
+        super().__init__([[]], corrupt_every=period)
         self.scripts = scripts  # {prompt tuple: AR tokens}
-        self.vocab = vocab_size
-        self.period = period
         self.log = []
 
     def begin(self, request):
-        super().begin(request)
         key = tuple(request.source_ids[0][request.source_mask[0].bool()].tolist())
-        self.script = self.scripts[key]
+        self.continuations = [self.scripts[key]]
+        self.log.append([])
+        super().begin(request)
 
     def draft(self, step):
-        n = int(step.num_generated[0])
-        tokens = []
-        for i in range(n, n + step.gamma):
-            tok = self.script[i] if i < len(self.script) else 0
-            if i % self.period == self.period - 1:
-                tok = (tok + 1) % self.vocab  # a token greedy decoding would not pick
-            tokens.append(tok)
-        self.log.append((n, tokens))
-        return DraftOutput(tokens=torch.tensor([tokens], dtype=torch.long))
+        out = super().draft(step)
+        self.log[-1].append((int(step.num_generated[0]), out.tokens[0].tolist()))
+        return out
 
 
 def _prompts(vocab, lengths=(5, 9, 7), seed=0):
@@ -81,26 +61,12 @@ def test_eval_alpha_equals_hand_count(tiny_llama, gamma):
     prompts = _prompts(vocab)
     max_new = 13
     ar = fseval.decode_all(target, [fseval.Decoder("ar")], prompts, max_new_tokens=max_new, progress=False)["ar"]
-    scripts = {tuple(p): o for p, o in zip(prompts, ar.outputs)}
-    drafter = ScriptedDrafter(scripts, vocab)
-    log_per_request = []
-
-    class Splitter(ScriptedDrafter):  # one log per request, for the hand count
-        def begin(self, request):
-            super().begin(request)
-            log_per_request.append([])
-
-        def draft(self, step):
-            out = super().draft(step)
-            log_per_request[-1].append(self.log[-1])
-            return out
-
-    drafter = Splitter(scripts, vocab)
-    result = fseval.evaluate(target, None, [fseval.Decoder("scripted", drafter, gamma)], prompts, None,
-                             max_new_tokens=max_new, gamma=gamma, progress=False)
+    drafter = ScriptedDrafter({tuple(p): o for p, o in zip(prompts, ar.outputs)})
+    decoders = [fseval.Decoder("scripted", drafter, gamma), fseval.hf_generate_decoder(target, "hf")]
+    result = fseval.evaluate(target, None, decoders, prompts, None, max_new_tokens=max_new, gamma=gamma, progress=False)
     rows = {r["name"]: r for r in result["rows"]}
     row = rows["scripted"]
-    accepted, drafted, steps, positions = _hand_count(log_per_request, ar.outputs, gamma)
+    accepted, drafted, steps, positions = _hand_count(drafter.log, ar.outputs, gamma)
     assert 0 < accepted < drafted  # partial acceptance: the count is not trivially 0 or all
     assert row["num_accepted_tokens"] == accepted
     assert row["num_draft_tokens"] == drafted
@@ -111,12 +77,11 @@ def test_eval_alpha_equals_hand_count(tiny_llama, gamma):
     # lossless: greedy outputs are those of the autoregressive run (and of HF generate)
     assert row["identical"] is True
     assert result["runs"]["scripted"].outputs == ar.outputs
-    hf = target.generate(torch.tensor([prompts[0]]), max_new_tokens=max_new, do_sample=False)
-    assert hf[0, len(prompts[0]):].tolist() == ar.outputs[0]
+    assert result["runs"]["hf"].outputs == ar.outputs and rows["hf"]["identical"] is True
     assert rows[fseval.AR_NAME]["speedup"] == 1.0 and row["speedup"] > 0
 
 
-def test_eval_detects_wrong_outputs(tiny_llama):
+def test_eval_detects_wrong_outputs():
     """`identical` must be able to be False: a run with different outputs is flagged."""
     ar = fseval.DecodeRun("ar", None, outputs=[[1, 2, 3]], time_s=1.0)
     other = fseval.DecodeRun("x", 4, outputs=[[1, 2, 4]], time_s=0.5)
@@ -144,7 +109,7 @@ def test_eval_report_files(tiny_llama, tmp_path):
     vocab = target.config.vocab_size
     prompts = _prompts(vocab, lengths=(6, 4))
     ar = fseval.decode_all(target, [fseval.Decoder("ar")], prompts, max_new_tokens=8, progress=False)["ar"]
-    drafter = ScriptedDrafter({tuple(p): o for p, o in zip(prompts, ar.outputs)}, vocab)
+    drafter = ScriptedDrafter({tuple(p): o for p, o in zip(prompts, ar.outputs)})
     result = fseval.evaluate(target, None, [fseval.Decoder("scripted", drafter, 3, {"kind": "test", "training": "baseline"})],
                              prompts, None, max_new_tokens=8, gamma=3, progress=False)
     files = fseval.write_eval_report(result, str(tmp_path / "ev"), {"target": "tiny"})
