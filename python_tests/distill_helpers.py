@@ -48,3 +48,19 @@ def hf_generate(target, drafter, input_ids, attention_mask, gamma, seed=None, **
     out = Out()
     out.sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out
+
+
+class TinyLSTMLM(torch.nn.Module):
+    """ids [B,L] -> logits [B,L,V]: a stand-in plain-module drafter."""
+
+    def __init__(self, vocab_size, hidden=16, seed=0, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab_size, hidden)
+        self.lstm = torch.nn.LSTM(hidden, hidden, batch_first=True)
+        self.drop = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(hidden, vocab_size)
+
+    def forward(self, ids):
+        out, _ = self.lstm(self.drop(self.embed(ids)))
+        return self.head(out)
