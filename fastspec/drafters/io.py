@@ -116,6 +116,8 @@ def load_drafter(folder: str, **kwargs):
         "cnn": "CNNDrafter",
         "lstm": "LSTMDrafter",
         "hf": "HFDrafter",
+        "layer_skip": "LayerSkipDrafter",
+        "ensemble": "EnsembleDrafter",
     }
     if kind not in classes:
         raise ValueError(f"{folder!r}: unknown drafter kind {kind!r}")

@@ -1,0 +1,213 @@
+"""PromptLookupDrafter: copy continuations of the output's last n tokens from the source.
+
+Unlike HF's ``prompt_lookup_num_tokens`` (which searches only the decoder/causal input), for a
+seq2seq target the **source document is the encoder input**, and that is where a summary copies
+from. The matcher is native (``torch.ops.fastspec.prompt_lookup_draft``, one call for the whole
+batch and all γ tokens); :func:`prompt_lookup_reference` is its pure-Python twin.
+
+Rule (see csrc/include/fastspec/prompt_lookup.h), repeated until γ tokens are drafted:
+``text = (prompt if causal) + generated + drafts``; for n = max_n..min_n take the last n tokens
+of ``text`` and copy what follows their earliest occurrence in the source (seq2seq), else in
+``text`` itself. Positions left without a match go to the ``fallback`` drafter (e.g. an
+:class:`~fastspec.drafters.ngram.NgramDrafter`), which sees the partial draft as context.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from fastspec import ops
+from fastspec.drafters.base import DraftOutput, Drafter, DraftRequest, DraftStep
+from fastspec.drafters.context import left_align, request_source
+from fastspec.drafters.io import load_folder, save_folder
+
+
+def prompt_lookup_reference(
+    sources: Sequence[Sequence[int]],
+    generated: Sequence[Sequence[int]],
+    gamma: int,
+    max_n: int,
+    min_n: int,
+    source_is_prefix: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pure-Python twin of the native matcher. Returns (tokens [B,γ] -1 padded, num_drafted [B])."""
+    out = torch.full((len(sources), gamma), -1, dtype=torch.long)
+    num = torch.zeros(len(sources), dtype=torch.long)
+
+    def earliest(hay: List[int], query: List[int]) -> int:
+        n = len(query)
+        for s in range(len(hay) - n):  # s + n < len(hay): at least one token follows
+            if hay[s : s + n] == query:
+                return s
+        return -1
+
+    for b, (src, gen) in enumerate(zip(sources, generated)):
+        src, text = list(src), (list(src) if source_is_prefix else []) + list(gen)
+        drafted: List[int] = []
+        while len(drafted) < gamma:
+            piece: List[int] = []
+            for n in range(min(max_n, len(text)), max(min_n, 1) - 1, -1):
+                query = text[len(text) - n :]
+                if not source_is_prefix:
+                    s = earliest(src, query)
+                    if s >= 0:
+                        piece = src[s + n : s + n + gamma - len(drafted)]
+                        break
+                s = earliest(text, query)
+                if s >= 0:
+                    piece = text[s + n : s + n + gamma - len(drafted)]
+                    break
+            if not piece:
+                break
+            drafted += piece
+            text += piece
+        out[b, : len(drafted)] = torch.tensor(drafted, dtype=torch.long)
+        num[b] = len(drafted)
+    return out, num
+
+
+def _rows(tokens: torch.Tensor, lengths: torch.Tensor) -> List[List[int]]:
+    return [row[:n].tolist() for row, n in zip(tokens, lengths.tolist())]
+
+
+class PromptLookupDrafter(Drafter):
+    """Deterministic source-copy drafter (q one-hot), optionally backed by a fallback drafter.
+
+    Args:
+        max_n / min_n: query lengths, longest tried first.
+        fallback: drafter for the positions no match fills (source match first, corpus model next).
+        use_native: use the C++ matcher when the extension is built (else the Python twin).
+    """
+
+    def __init__(self, max_n: int = 4, min_n: int = 1, fallback: Optional[Drafter] = None, use_native: bool = True):
+        if not (1 <= int(min_n) <= int(max_n)):
+            raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.max_n, self.min_n = int(max_n), int(min_n)
+        self.fallback = fallback
+        self.use_native = bool(use_native)
+        self.vocab_size = fallback.vocab_size if fallback is not None else None
+
+    @property
+    def deterministic(self) -> bool:  # q is one-hot unless the fallback samples
+        return self.fallback is None or self.fallback.deterministic
+
+    @property
+    def native(self) -> bool:
+        return self.use_native and ops.native_available() and hasattr(torch.ops.fastspec, "prompt_lookup_draft")
+
+    def begin(self, request: DraftRequest) -> None:
+        super().begin(request)
+        self._source, self._source_len = (t.cpu() for t in request_source(request))  # [B,S], [B]
+        self._prefix = not request.is_encoder_decoder
+        self._vocab = request.vocab_size
+        if self.fallback is not None:
+            self.fallback.begin(request)
+
+    def lookup(self, generated: torch.Tensor, num_generated: torch.Tensor, gamma: int):
+        """Match only: (tokens [B,γ] -1 where unmatched, num_drafted [B]) for right-padded generated."""
+        gen = generated.detach().long().cpu().contiguous()
+        num = num_generated.detach().long().cpu().contiguous()
+        if self.native:
+            return torch.ops.fastspec.prompt_lookup_draft(
+                self._source, self._source_len, gen, num, int(gamma), self.max_n, self.min_n, self._prefix
+            )
+        return prompt_lookup_reference(
+            _rows(self._source, self._source_len), _rows(gen, num), gamma, self.max_n, self.min_n, self._prefix
+        )
+
+    def draft(self, step: DraftStep) -> DraftOutput:
+        device = step.generated.device
+        gamma = int(step.gamma)
+        tokens, num = self.lookup(step.generated, step.num_generated, gamma)  # [B,γ], [B]
+        probs = None
+        missing = num < gamma
+        if bool(missing.any()):
+            if self.fallback is not None:
+                tokens, probs = self._fill_with_fallback(step, tokens, num)
+            else:
+                # No match: repeat the last known token (a cheap guess; the target corrects it).
+                last = self._last_tokens(step)
+                tokens = torch.where(tokens < 0, last[:, None], tokens)
+        tokens = tokens.to(device)
+        if not self.deterministic and probs is None:
+            probs = torch.nn.functional.one_hot(tokens, self._vocab).float()
+        return DraftOutput(tokens=tokens, probs=None if probs is None else probs.to(device))
+
+    def _last_tokens(self, step: DraftStep) -> torch.Tensor:
+        gen = step.generated.long().cpu()
+        num = step.num_generated.long().cpu()
+        last = torch.zeros(num.shape[0], dtype=torch.long)
+        if gen.shape[1] > 0:
+            last = torch.where(num > 0, gen.gather(1, (num - 1).clamp(min=0)[:, None])[:, 0], 0)
+        if self._prefix:  # causal: fall back to the prompt's last token
+            src_last = self._source.gather(1, (self._source_len - 1).clamp(min=0)[:, None])[:, 0].clamp(min=0)
+            last = torch.where(num > 0, last, src_last)
+        return last
+
+    def _fill_with_fallback(self, step: DraftStep, tokens: torch.Tensor, num: torch.Tensor):
+        """The fallback drafts after each row's matched prefix; its tokens fill positions num[b]..γ-1."""
+        gamma = int(step.gamma)
+        gen = step.generated.long().cpu()
+        gen_num = step.num_generated.long().cpu()
+        batch = gen.shape[0]
+        extended = torch.full((batch, gen.shape[1] + gamma), -1, dtype=torch.long)
+        extended[:, : gen.shape[1]] = gen
+        index = gen_num[:, None] + torch.arange(gamma)  # [B,γ]
+        extended.scatter_(1, index, tokens)  # matched drafts (and -1 where unmatched)
+        extended = torch.where(torch.arange(extended.shape[1]) < (gen_num + num)[:, None], extended, -1)
+        width = int((gen_num + num).max()) if batch else 0
+        sub = DraftStep(
+            generated=extended[:, :width].to(step.generated.device),
+            num_generated=(gen_num + num).to(step.num_generated.device),
+            active=step.active,
+            gamma=gamma,
+        )
+        fb = self.fallback.draft(sub)
+        shift = (torch.arange(gamma)[None, :] - num[:, None])  # [B,γ] fallback index per position
+        from_fallback = shift >= 0
+        fb_tokens = fb.tokens.long().cpu().gather(1, shift.clamp(min=0))
+        out = torch.where(from_fallback, fb_tokens, tokens)
+        probs = None
+        if fb.probs is not None:
+            fb_probs = fb.probs.float().cpu()  # [B,γ,V]
+            probs = torch.nn.functional.one_hot(out, fb_probs.shape[-1]).float()
+            gathered = fb_probs.gather(1, shift.clamp(min=0)[:, :, None].expand(-1, -1, fb_probs.shape[-1]))
+            probs = torch.where(from_fallback[:, :, None], gathered, probs)
+        return out, probs
+
+    def commit(self, info) -> None:
+        # The fallback's own drafts were not what was verified; stateful fallbacks resync in draft().
+        pass
+
+    def end(self) -> None:
+        if self.fallback is not None:
+            self.fallback.end()
+        super().end()
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, folder: str) -> None:
+        config = {"max_n": self.max_n, "min_n": self.min_n, "fallback": None}
+        if self.fallback is not None:
+            import os
+
+            self.fallback.save(os.path.join(folder, "fallback"))
+            config["fallback"] = "fallback"
+        save_folder(folder, "prompt_lookup", config)
+
+    @classmethod
+    def load(cls, folder: str, **kwargs) -> "PromptLookupDrafter":
+        import os
+
+        from fastspec.drafters.io import load_drafter
+
+        config, _ = load_folder(folder, "prompt_lookup")
+        try:
+            max_n, min_n = int(config["max_n"]), int(config["min_n"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupted prompt-lookup config in {folder!r}: {e}") from None
+        fallback = load_drafter(os.path.join(folder, config["fallback"])) if config.get("fallback") else None
+        return cls(max_n=max_n, min_n=min_n, fallback=fallback, **kwargs)
+
+
+__all__ = ["PromptLookupDrafter", "prompt_lookup_reference", "left_align"]
