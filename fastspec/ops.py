@@ -434,13 +434,6 @@ reference = types.SimpleNamespace(
 # ----------------------------------------------------------------------------------------------
 # Public ops: native when built (CPU or CUDA by device), else the reference.
 # ----------------------------------------------------------------------------------------------
-def _upcast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """16-bit floats -> float32 (exact); the kernels read float32."""
-    if t is None or t.dtype == torch.float32:
-        return t
-    return t.float().contiguous()
-
-
 def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor):
     """Greedy verification: keep the longest prefix of drafts equal to the target's argmax.
 
@@ -463,7 +456,7 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor):
     if op is None:
         return _ref_verify_greedy(target_logits, draft_tokens)
     target_logits, draft_tokens = _check_verify_greedy_args(target_logits, draft_tokens)
-    return tuple(op(_upcast(target_logits), draft_tokens))
+    return tuple(op(target_logits, draft_tokens))
 
 
 def verify_sample(target_probs, draft_probs, draft_tokens, *, generator: Optional[torch.Generator] = None):
@@ -491,7 +484,7 @@ def verify_sample(target_probs, draft_probs, draft_tokens, *, generator: Optiona
     target_probs, draft_probs, draft_tokens = _check_verify_sample_args(target_probs, draft_probs, draft_tokens)
     B, K, _ = target_probs.shape
     uniforms = _draw_uniforms(B, K - 1, target_probs.device, generator)
-    return tuple(op(_upcast(target_probs), _upcast(draft_probs), draft_tokens, uniforms))
+    return tuple(op(target_probs, draft_probs, draft_tokens, uniforms))
 
 
 def process_logits(
@@ -524,7 +517,7 @@ def process_logits(
     logits3, squeeze, prev_tokens, draft_tokens = _check_process_args(
         logits, prev_tokens, draft_tokens, do_sample, temperature, top_k, top_p, repetition_penalty
     )
-    out = op(_upcast(logits3), prev_tokens, draft_tokens, bool(do_sample), float(temperature), int(top_k),
+    out = op(logits3, prev_tokens, draft_tokens, bool(do_sample), float(temperature), int(top_k),
              float(top_p), float(repetition_penalty))
     return out[:, 0] if squeeze else out
 
@@ -564,6 +557,6 @@ def fused_verify(
     B, K, _ = target_logits.shape
     uniforms = _draw_uniforms(B, K - 1, target_logits.device, generator) if do_sample else None
     return tuple(
-        op(_upcast(target_logits), draft_tokens, _upcast(draft_probs), prev_tokens, uniforms, bool(do_sample),
+        op(target_logits, draft_tokens, draft_probs, prev_tokens, uniforms, bool(do_sample),
            float(temperature), int(top_k), float(top_p), float(repetition_penalty))
     )

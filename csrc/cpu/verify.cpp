@@ -1,0 +1,434 @@
+// Verification and logits processing, CPU core (see csrc/include/fastspec/verify.h). No torch.
+#include "fastspec/verify.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+
+namespace fastspec {
+
+namespace {
+
+constexpr int kHistogramBits = 12;  // top-p: first radix digit (sign, exponent, 3 mantissa bits)
+constexpr int kHistogramShift = 32 - kHistogramBits;
+constexpr size_t kHeapTopK = 256;  // top-k: a size-k heap up to here, nth_element beyond
+
+inline uint64_t value_index_key(float x, int64_t index) {
+  return (uint64_t(float_order_key(x)) << 32) | uint64_t(uint32_t(index));
+}
+
+// exp(x) for x <= 0 in float64, branch-free so the loops around it vectorise. Range reduction
+// x = n ln2 + r, |r| <= ln2/2, then a degree-13 Taylor polynomial: relative error ~1e-16,
+// i.e. equal to libm/Sleef up to a few ulps. x < -708 gives 0 (subnormal results dropped).
+inline double exp_nonpositive(double x) {
+  const double kLog2e = 1.4426950408889634;
+  const double kLn2Hi = 6.93147180369123816490e-01;
+  const double kLn2Lo = 1.90821492927058770002e-10;
+  const double kRound = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  const bool underflow = x < -708.0;
+  x = underflow ? 0.0 : x;
+  double shifted = x * kLog2e + kRound;
+  double n = shifted - kRound;
+  double r = (x - n * kLn2Hi) - n * kLn2Lo;
+  double poly = 1.0 / 6227020800.0;  // 1/13!
+  poly = poly * r + 1.0 / 479001600.0;
+  poly = poly * r + 1.0 / 39916800.0;
+  poly = poly * r + 1.0 / 3628800.0;
+  poly = poly * r + 1.0 / 362880.0;
+  poly = poly * r + 1.0 / 40320.0;
+  poly = poly * r + 1.0 / 5040.0;
+  poly = poly * r + 1.0 / 720.0;
+  poly = poly * r + 1.0 / 120.0;
+  poly = poly * r + 1.0 / 24.0;
+  poly = poly * r + 1.0 / 6.0;
+  poly = poly * r + 0.5;
+  poly = poly * r + 1.0;
+  poly = poly * r + 1.0;
+  int64_t n_bits;
+  std::memcpy(&n_bits, &shifted, sizeof(n_bits));
+  int64_t scale_bits = (n_bits - int64_t(0x4338000000000000LL) + 1023) << 52;  // 2^n
+  double scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return underflow ? 0.0 : poly * scale;
+}
+
+inline void write_output(const int64_t* draft, int64_t gamma, int64_t accepted, int64_t final_token, int64_t* out,
+                         int64_t* num_accepted) {
+  for (int64_t i = 0; i < accepted; ++i) out[i] = draft[i];
+  out[accepted] = final_token;
+  for (int64_t i = accepted + 1; i <= gamma; ++i) out[i] = -1;
+  *num_accepted = accepted;
+}
+
+inline int32_t check_draft_tokens(const int64_t* draft, int64_t gamma, int64_t vocab) {
+  for (int64_t i = 0; i < gamma; ++i)
+    if (draft[i] < 0 || draft[i] >= vocab) return kBadDraftToken;
+  return kStatusOk;
+}
+
+// A probability row: finite, >= 0, sums to 1 within tolerance.
+int32_t check_prob_row(const float* row, int64_t vocab, double tolerance, int32_t bad_bit, int32_t sum_bit) {
+  double sum = 0.0;
+  bool bad = false;
+  for (int64_t v = 0; v < vocab; ++v) {
+    float x = row[v];
+    bad |= !(x >= 0.0f && x <= std::numeric_limits<float>::max());  // NaN, inf, negative
+    sum += double(x);
+  }
+  if (bad) return bad_bit;
+  if (std::fabs(sum - 1.0) > tolerance) return sum_bit;
+  return kStatusOk;
+}
+
+// First index whose float64 running sum (index order) exceeds u * total; -1 if total is 0.
+// u * total may round up to total for u within 2^-53 of 1: then the last positive weight.
+template <class Weight>
+int64_t inverse_cdf(int64_t vocab, double u, const Weight& weight) {
+  double total = 0.0;
+  int64_t last_positive = -1;
+  for (int64_t v = 0; v < vocab; ++v) {
+    double w = weight(v);
+    if (w > 0.0) last_positive = v;
+    total += w;
+  }
+  if (!(total > 0.0)) return -1;
+  const double target = u * total;
+  double running = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    running += weight(v);
+    if (running > target) return v;
+  }
+  return last_positive;
+}
+
+// The recovered/bonus token: norm(max(0, p - q)) with p = prob(v), q = draft_prob(v), falling
+// back to p when the residual has no mass.
+template <class Prob, class DraftProb>
+int64_t sample_residual(int64_t vocab, double u, const Prob& prob, const DraftProb& draft_prob) {
+  int64_t token = inverse_cdf(vocab, u, [&](int64_t v) {
+    double r = prob(v) - draft_prob(v);
+    return r > 0.0 ? r : 0.0;
+  });
+  if (token < 0) token = inverse_cdf(vocab, u, prob);
+  return token < 0 ? 0 : token;
+}
+
+// Sets seen[v] = 1 for the valid ids of prev.
+void mark_seen(const int64_t* prev, int64_t prev_len, int64_t vocab, uint8_t* seen) {
+  for (int64_t j = 0; j < prev_len; ++j)
+    if (prev[j] >= 0 && prev[j] < vocab) seen[prev[j]] = 1;
+}
+
+inline float penalize(float x, float penalty) { return x < 0.0f ? x * penalty : x / penalty; }
+
+// Greedy target token of one position: first maximal index of the penalised logits.
+int32_t greedy_position(const float* logits, const uint8_t* seen, float penalty, int64_t vocab, VerifyWorkspace& ws,
+                        int64_t* token) {
+  const float* x = logits;
+  if (seen != nullptr) {
+    float* y = ws.values.data();
+    for (int64_t v = 0; v < vocab; ++v) y[v] = seen[v] ? penalize(logits[v], penalty) : logits[v];
+    x = y;
+  }
+  // Pass 1: max with 8 independent accumulators (vectorises) and a NaN flag.
+  constexpr int kLanes = 8;
+  float lane_max[kLanes];
+  int lane_nan[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane_max[l] = -std::numeric_limits<float>::infinity(), lane_nan[l] = 0;
+  int64_t v = 0;
+  for (; v + kLanes <= vocab; v += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      float value = x[v + l];
+      lane_nan[l] |= value != value;
+      lane_max[l] = value > lane_max[l] ? value : lane_max[l];
+    }
+  float best = -std::numeric_limits<float>::infinity();
+  int nan = 0;
+  for (int l = 0; l < kLanes; ++l) best = std::max(best, lane_max[l]), nan |= lane_nan[l];
+  for (; v < vocab; ++v) {
+    nan |= x[v] != x[v];
+    best = std::max(best, x[v]);
+  }
+  if (nan) return kNanLogits;
+  // Pass 2: the first index holding the max (all -inf: index 0, as torch.argmax).
+  for (int64_t w = 0; w < vocab; ++w)
+    if (x[w] == best) {
+      *token = w;
+      return kStatusOk;
+    }
+  *token = 0;
+  return kStatusOk;
+}
+
+// k-th largest of values[0..vocab) (counting ties), 1 <= k < vocab.
+float kth_largest(const float* values, int64_t vocab, int64_t k, VerifyWorkspace& ws) {
+  std::vector<float>& s = ws.select;
+  if (size_t(k) <= kHeapTopK) {
+    // min-heap of the k largest seen so far; its top is the k-th largest.
+    s.assign(values, values + k);
+    std::make_heap(s.begin(), s.end(), std::greater<float>());
+    float top = s.front();
+    for (int64_t v = k; v < vocab; ++v) {
+      if (values[v] > top) {
+        std::pop_heap(s.begin(), s.end(), std::greater<float>());
+        s.back() = values[v];
+        std::push_heap(s.begin(), s.end(), std::greater<float>());
+        top = s.front();
+      }
+    }
+    return top;
+  }
+  s.assign(values, values + vocab);
+  std::nth_element(s.begin(), s.begin() + (k - 1), s.end(), std::greater<float>());
+  return s[k - 1];
+}
+
+// Processed probabilities of one position, unnormalised: fills ws.values with the processed
+// logits and ws.weights with exp(x - max) of the kept tokens (0 elsewhere); *norm = Σ weights.
+int32_t sample_position(const float* logits, const uint8_t* seen, int64_t vocab, const ProcessParams& params,
+                        VerifyWorkspace& ws, double* norm) {
+  float* y = ws.values.data();
+  double* w = ws.weights.data();
+  const float penalty = params.repetition_penalty;
+  const float temperature = params.temperature;
+  const bool scale = temperature != 1.0f;
+  // Pass 1: penalty, temperature (float32, as HF), max, NaN / +inf flags.
+  float best = -std::numeric_limits<float>::infinity();
+  int nan = 0, posinf = 0;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t v = 0; v < vocab; ++v) {
+    float x = logits[v];
+    if (seen != nullptr && seen[v]) x = penalize(x, penalty);
+    if (scale) x = x / temperature;
+    y[v] = x;
+    nan |= x != x;
+    posinf |= x == inf;
+    best = x > best ? x : best;
+  }
+  if (nan) return kNanLogits;
+  if (posinf) return kPosInfLogits;
+  if (best == -inf) return kNoFiniteLogits;
+  // Top-k threshold (ties with the k-th value kept).
+  float kth = -inf;
+  const bool top_k = params.top_k > 0 && params.top_k < vocab;
+  if (top_k) kth = kth_largest(y, vocab, params.top_k, ws);
+  // Pass 2: float64 weights.
+  const double max_value = best;
+  double sum = 0.0;
+  if (top_k) {
+    for (int64_t v = 0; v < vocab; ++v) {
+      double e = y[v] >= kth ? exp_nonpositive(double(y[v]) - max_value) : 0.0;
+      w[v] = e;
+      sum += e;
+    }
+  } else {
+    for (int64_t v = 0; v < vocab; ++v) {
+      double e = exp_nonpositive(double(y[v]) - max_value);
+      w[v] = e;
+      sum += e;
+    }
+  }
+  if (params.top_p < 1.0) {
+    // Keep a token iff the mass of the tokens above it in (value, index) order is < top_p.
+    // Radix select on the mass: a histogram over the first 12 key bits finds the boundary
+    // bucket, whose few members are then sorted and walked.
+    const double target = params.top_p * sum;
+    std::vector<double>& hist = ws.histogram;
+    std::fill(hist.begin(), hist.end(), 0.0);
+    for (int64_t v = 0; v < vocab; ++v) hist[float_order_key(y[v]) >> kHistogramShift] += w[v];
+    double above = 0.0;
+    int64_t boundary = -1;
+    for (int64_t b = int64_t(hist.size()) - 1; b >= 0; --b) {
+      if (hist[b] > 0.0 && above + hist[b] >= target) {
+        boundary = b;
+        break;
+      }
+      above += hist[b];
+    }
+    if (boundary >= 0) {
+      auto& bucket = ws.bucket;
+      bucket.clear();
+      for (int64_t v = 0; v < vocab; ++v)
+        if (w[v] > 0.0 && int64_t(float_order_key(y[v]) >> kHistogramShift) == boundary)
+          bucket.emplace_back(value_index_key(y[v], v), w[v]);
+      std::sort(bucket.begin(), bucket.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+      uint64_t threshold = bucket.back().first;
+      for (const auto& member : bucket) {
+        if (above + member.second >= target) {
+          threshold = member.first;
+          break;
+        }
+        above += member.second;
+      }
+      sum = 0.0;
+      for (int64_t v = 0; v < vocab; ++v) {
+        if (w[v] > 0.0 && value_index_key(y[v], v) < threshold) w[v] = 0.0;
+        sum += w[v];
+      }
+    }
+  }
+  *norm = sum;
+  return kStatusOk;
+}
+
+}  // namespace
+
+void VerifyWorkspace::ensure(int64_t vocab) {
+  if (int64_t(values.size()) < vocab) {
+    values.resize(vocab);
+    weights.resize(vocab);
+    seen.resize(vocab);
+  }
+  histogram.resize(size_t(1) << kHistogramBits);
+}
+
+const char* describe_status(int32_t status) {
+  if (status == kStatusOk) return "ok";
+  if (status & kBadDraftToken) return "draft token id outside [0, V)";
+  if (status & kBadTargetProbs) return "target probabilities hold NaN, inf or negative values";
+  if (status & kTargetNotNormalized) return "target probability rows must sum to 1";
+  if (status & kBadDraftProbs) return "draft probabilities hold NaN, inf or negative values";
+  if (status & kDraftNotNormalized) return "draft probability rows must sum to 1";
+  if (status & kNanLogits) return "logits hold NaN";
+  if (status & kPosInfLogits) return "logits hold +inf, which has no probability under softmax";
+  if (status & kNoFiniteLogits) return "a row of logits is entirely -inf";
+  return "unknown error";
+}
+
+int32_t verify_greedy_row(const float* logits, const int64_t* draft, int64_t gamma, int64_t vocab, int64_t* out,
+                          int64_t* num_accepted) {
+  if (int32_t s = check_draft_tokens(draft, gamma, vocab)) return s;
+  VerifyWorkspace unused;  // greedy without penalty needs no scratch
+  int64_t i = 0, token = 0;
+  for (;; ++i) {
+    if (int32_t s = greedy_position(logits + i * vocab, nullptr, 1.0f, vocab, unused, &token)) return s;
+    if (i == gamma || token != draft[i]) break;
+  }
+  write_output(draft, gamma, i, token, out, num_accepted);
+  return kStatusOk;
+}
+
+int32_t verify_sample_row(const float* p, const float* q, const int64_t* draft, const double* u, int64_t gamma,
+                          int64_t vocab, double p_sum_tolerance, double q_sum_tolerance, int64_t* out,
+                          int64_t* num_accepted) {
+  if (int32_t s = check_draft_tokens(draft, gamma, vocab)) return s;
+  for (int64_t i = 0; i <= gamma; ++i)
+    if (int32_t s = check_prob_row(p + i * vocab, vocab, p_sum_tolerance, kBadTargetProbs, kTargetNotNormalized))
+      return s;
+  if (q != nullptr)
+    for (int64_t i = 0; i < gamma; ++i)
+      if (int32_t s = check_prob_row(q + i * vocab, vocab, q_sum_tolerance, kBadDraftProbs, kDraftNotNormalized))
+        return s;
+  int64_t accepted = 0;
+  for (; accepted < gamma; ++accepted) {
+    const int64_t d = draft[accepted];
+    const double p_d = p[accepted * vocab + d];
+    const double q_d = q == nullptr ? 1.0 : double(q[accepted * vocab + d]);
+    if (!(u[accepted] * q_d < p_d)) break;
+  }
+  const float* p_row = p + accepted * vocab;
+  auto prob = [&](int64_t v) { return double(p_row[v]); };
+  int64_t token;
+  if (accepted == gamma) {
+    token = sample_residual(vocab, u[gamma], prob, [](int64_t) { return 0.0; });
+  } else if (q == nullptr) {
+    const int64_t d = draft[accepted];
+    token = sample_residual(vocab, u[gamma], prob, [d](int64_t v) { return v == d ? 1.0 : 0.0; });
+  } else {
+    const float* q_row = q + accepted * vocab;
+    token = sample_residual(vocab, u[gamma], prob, [q_row](int64_t v) { return double(q_row[v]); });
+  }
+  write_output(draft, gamma, accepted, token, out, num_accepted);
+  return kStatusOk;
+}
+
+int32_t process_logits_row(const float* logits, const int64_t* prev, int64_t prev_len, const int64_t* draft,
+                           int64_t positions, int64_t vocab, const ProcessParams& params, VerifyWorkspace& ws,
+                           float* out) {
+  ws.ensure(vocab);
+  if (draft != nullptr)
+    if (int32_t s = check_draft_tokens(draft, positions - 1, vocab)) return s;
+  const bool penalize_seen = params.repetition_penalty != 1.0f;
+  uint8_t* seen = penalize_seen ? ws.seen.data() : nullptr;
+  if (penalize_seen) {
+    std::memset(seen, 0, size_t(vocab));
+    mark_seen(prev, prev_len, vocab, seen);
+  }
+  for (int64_t i = 0; i < positions; ++i) {
+    if (penalize_seen && i > 0 && draft != nullptr) seen[draft[i - 1]] = 1;
+    const float* x = logits + i * vocab;
+    float* o = out + i * vocab;
+    if (!params.do_sample) {
+      for (int64_t v = 0; v < vocab; ++v) {
+        o[v] = seen != nullptr && seen[v] ? penalize(x[v], params.repetition_penalty) : x[v];
+        if (o[v] != o[v]) return kNanLogits;
+      }
+      continue;
+    }
+    double norm = 0.0;
+    if (int32_t s = sample_position(x, seen, vocab, params, ws, &norm)) return s;
+    const double* w = ws.weights.data();
+    for (int64_t v = 0; v < vocab; ++v) o[v] = float(w[v] / norm);
+  }
+  return kStatusOk;
+}
+
+int32_t fused_verify_row(const float* logits, const int64_t* draft, const float* q, const int64_t* prev,
+                         int64_t prev_len, const double* u, int64_t gamma, int64_t vocab,
+                         const ProcessParams& params, double q_sum_tolerance, VerifyWorkspace& ws, int64_t* out,
+                         int64_t* num_accepted) {
+  ws.ensure(vocab);
+  if (int32_t s = check_draft_tokens(draft, gamma, vocab)) return s;
+  const bool penalize_seen = params.repetition_penalty != 1.0f;
+  uint8_t* seen = penalize_seen ? ws.seen.data() : nullptr;
+  if (penalize_seen) {
+    std::memset(seen, 0, size_t(vocab));
+    mark_seen(prev, prev_len, vocab, seen);
+  }
+  if (!params.do_sample) {
+    int64_t i = 0, token = 0;
+    for (;; ++i) {
+      if (penalize_seen && i > 0) seen[draft[i - 1]] = 1;
+      if (int32_t s = greedy_position(logits + i * vocab, seen, params.repetition_penalty, vocab, ws, &token))
+        return s;
+      if (i == gamma || token != draft[i]) break;
+    }
+    write_output(draft, gamma, i, token, out, num_accepted);
+    return kStatusOk;
+  }
+  int64_t accepted = 0;
+  double norm = 0.0;
+  for (;; ++accepted) {
+    if (penalize_seen && accepted > 0) seen[draft[accepted - 1]] = 1;
+    if (int32_t s = sample_position(logits + accepted * vocab, seen, vocab, params, ws, &norm)) return s;
+    if (accepted == gamma) break;
+    const int64_t d = draft[accepted];
+    const double p_d = ws.weights[d] / norm;
+    double q_d = 1.0;
+    if (q != nullptr) {
+      const float q_value = q[accepted * vocab + d];
+      if (!(q_value >= 0.0f && q_value <= std::numeric_limits<float>::max())) return kBadDraftProbs;
+      q_d = q_value;
+    }
+    if (!(u[accepted] * q_d < p_d)) break;
+  }
+  const double* w = ws.weights.data();
+  auto prob = [w, norm](int64_t v) { return w[v] / norm; };
+  int64_t token;
+  if (accepted == gamma) {
+    token = sample_residual(vocab, u[gamma], prob, [](int64_t) { return 0.0; });
+  } else if (q == nullptr) {
+    const int64_t d = draft[accepted];
+    token = sample_residual(vocab, u[gamma], prob, [d](int64_t v) { return v == d ? 1.0 : 0.0; });
+  } else {
+    const float* q_row = q + accepted * vocab;
+    if (int32_t s = check_prob_row(q_row, vocab, q_sum_tolerance, kBadDraftProbs, kDraftNotNormalized)) return s;
+    token = sample_residual(vocab, u[gamma], prob, [q_row](int64_t v) { return double(q_row[v]); });
+  }
+  write_output(draft, gamma, accepted, token, out, num_accepted);
+  return kStatusOk;
+}
+
+}  // namespace fastspec
