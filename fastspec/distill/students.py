@@ -116,3 +116,130 @@ class TokenLMStudent:
 
     def state_dict(self):
         return self.module.state_dict()
+
+
+# --------------------------------------------------------------------------- builders
+
+NEURAL_CLASSES = {"lstm": "LSTMDrafter", "cnn": "CNNDrafter"}
+
+
+def _hf_drafter_cls():
+    from fastspec.drafters.hf import HFDrafter
+
+    return HFDrafter
+
+
+def fresh_hf_drafter_model(target, options: dict):
+    """A small randomly initialised HF model with the target's vocabulary and special ids:
+    T5 (gated-gelu) for seq2seq targets, Llama for causal ones. ``options`` override sizes."""
+    from fastspec.distill.teacher import pad_token_id
+
+    target_config = target.config
+    vocab = vocab_size(target)
+    if getattr(target_config, "is_encoder_decoder", False):
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        settings = dict(d_model=256, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4,
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+        settings.update(options)
+        config = T5Config(vocab_size=vocab, decoder_start_token_id=target_config.decoder_start_token_id,
+                          pad_token_id=target_config.pad_token_id, eos_token_id=target_config.eos_token_id, **settings)
+        return T5ForConditionalGeneration(config)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=getattr(target_config, "max_position_embeddings", 2048),
+                    tie_word_embeddings=True)
+    settings.update(options)
+    config = LlamaConfig(vocab_size=vocab, pad_token_id=pad_token_id(target), eos_token_id=target_config.eos_token_id,
+                         bos_token_id=getattr(target_config, "bos_token_id", None), **settings)
+    return LlamaForCausalLM(config)
+
+
+class HFDrafterStudent(HFStudent):
+    """HFStudent that turns into / saves as a :class:`fastspec.drafters.hf.HFDrafter`."""
+
+    def as_drafter(self):
+        return _hf_drafter_cls()(self.model)
+
+    def save_drafter(self, folder: str) -> None:
+        self.as_drafter().save(folder)
+
+
+def build_student(kind: str, target, *, init_from: Optional[str] = None, options: Optional[dict] = None, seed: int = 0):
+    """The trainable student for ``--drafter kind`` against ``target`` (an HF model)."""
+    from fastspec.distill.trainer import TrainingError
+
+    options = dict(options or {})
+    torch.manual_seed(seed)  # the drafter's initial weights are part of the run's seed
+    if kind in ("t5small", "hf"):
+        if init_from:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+            if not __import__("os").path.isdir(init_from):
+                raise TrainingError(f"--init_from {init_from}: no such folder")
+            config = AutoConfig.from_pretrained(init_from)
+            loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            model = loader.from_pretrained(init_from)
+        else:
+            model = fresh_hf_drafter_model(target, options)
+        if bool(model.config.is_encoder_decoder) != bool(target.config.is_encoder_decoder):
+            raise TrainingError("the HF drafter and the target must both be seq2seq or both causal")
+        return HFDrafterStudent(model.train())
+    if kind in NEURAL_CLASSES:
+        return _neural_student(kind, target, options)
+    if kind == "layerskip":
+        return _layerskip_student(target, options)
+    raise TrainingError(f"unknown drafter {kind!r}; choose from ngram, cnn, lstm, t5small, hf, layerskip")
+
+
+def _neural_student(kind, target, options):
+    from fastspec import drafters
+    from fastspec.distill.trainer import TrainingError
+
+    name = NEURAL_CLASSES[kind]
+    cls = getattr(drafters, name, None)
+    if cls is None:
+        raise TrainingError(f"--drafter {kind} needs fastspec.drafters.{name}, which this build does not have yet")
+    return NeuralDrafterStudent(cls, target, options)
+
+
+def _layerskip_student(target, options):
+    from fastspec import drafters
+    from fastspec.distill.trainer import TrainingError
+
+    cls = getattr(drafters, "LayerSkipDrafter", None)
+    if cls is None:
+        raise TrainingError("--drafter layerskip needs fastspec.drafters.LayerSkipDrafter, which this build does not have yet")
+    return NeuralDrafterStudent(cls, target, options)
+
+
+class NeuralDrafterStudent:
+    """Adapter for drafters that own an nn.Module (LSTM, CNN, LayerSkip exit head).
+
+    Contract expected from the drafter class (see the issue-5 report):
+      ``cls.for_target(target, **options)`` -> drafter;  ``drafter.module`` (trainable nn.Module);
+      ``drafter.training_logits(module, source_ids, output_ids, device)`` -> (logits [B,T,V], mask [B,T]);
+      ``drafter.save(folder)``; ``drafter.vocab_size``.
+    """
+
+    def __init__(self, cls, target, options):
+        from fastspec.distill.trainer import TrainingError
+
+        if not hasattr(cls, "for_target"):
+            raise TrainingError(f"{cls.__name__} cannot be trained yet (no for_target/training_logits)")
+        self.drafter = cls.for_target(target, **options)
+        self.module = self.drafter.module
+        self.vocab_size = self.drafter.vocab_size
+
+    def logits(self, module, source_ids, output_ids, device):
+        return self.drafter.training_logits(module, source_ids, output_ids, device)
+
+    def sample(self, source_ids, max_new_tokens, device):
+        return self.drafter.training_sample(source_ids, max_new_tokens, device)
+
+    def as_drafter(self):
+        return self.drafter
+
+    def save_drafter(self, folder: str) -> None:
+        self.drafter.save(folder)

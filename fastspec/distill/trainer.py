@@ -44,7 +44,8 @@ class TrainingError(ValueError):
 
 @dataclass
 class TrainConfig:
-    out_dir: str
+    out_dir: Optional[str] = None  # checkpoints, logs and the final drafter; None = in memory only
+    drafter: str = "lstm"  # the CLI's --drafter (recorded in the drafter's config)
     max_steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
@@ -186,9 +187,10 @@ class Trainer:
             self.optimizer, cosine_schedule(config.warmup_steps, config.max_steps, config.min_lr_ratio)
         )
         self.step = 0
-        self.ckpt_root = os.path.join(config.out_dir, "checkpoints")
-        self.log_jsonl = os.path.join(config.out_dir, "log.jsonl")
-        self.log_csv = os.path.join(config.out_dir, "log.csv")
+        root = config.out_dir
+        self.ckpt_root = os.path.join(root, "checkpoints") if root else None
+        self.log_jsonl = os.path.join(root, "log.jsonl") if root else None
+        self.log_csv = os.path.join(root, "log.csv") if root else None
         self._perm_cache: Dict[int, List[int]] = {}
 
     # ------------------------------------------------------------------ set-up checks
@@ -282,12 +284,14 @@ class Trainer:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": self.config.resume_key(), "num_items": len(self.items)}
 
     def save(self) -> Optional[str]:
-        if not self.info.is_main:
+        if not self.info.is_main or self.ckpt_root is None:
             return None
         return save_checkpoint(self.ckpt_root, self.step, self.student.module.state_dict(), self.optimizer, self._trainer_state(), self.config.keep_checkpoints)
 
     def resume(self) -> bool:
         """Load the latest checkpoint in out_dir; False when there is none."""
+        if self.ckpt_root is None:
+            raise CheckpointError("--resume needs an output folder")
         folder = latest_checkpoint(self.ckpt_root)
         if folder is None:
             return False
@@ -321,7 +325,7 @@ class Trainer:
                 writer.writerows({k: r.get(k, "") for k in LOG_FIELDS} for r in rows)
 
     def _log(self, row: dict) -> None:
-        if not self.info.is_main:
+        if not self.info.is_main or self.log_jsonl is None:
             return
         with open(self.log_jsonl, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -337,7 +341,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
-        os.makedirs(c.out_dir, exist_ok=True)
+        if c.out_dir:
+            os.makedirs(c.out_dir, exist_ok=True)
         history: List[dict] = []
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"train rank {self.info.rank}", disable=not (c.progress and self.info.is_main))
         loss_value = float("nan")
@@ -377,7 +382,7 @@ class Trainer:
                 self.on_step_end(self.step)
         bar.close()
         self.module.eval()
-        if self.save_fn is not None and self.info.is_main:
+        if self.save_fn is not None and self.info.is_main and c.out_dir:
             self.save_fn(os.path.join(c.out_dir, "drafter"))
         return TrainResult(self.step, loss_value, self.log_jsonl, history)
 
@@ -396,3 +401,162 @@ def fit_ngram(table, sequences: Sequence[Sequence[int]]):
         raise TrainingError("no sequences to fit the n-gram table on")
     table.fit(seqs)
     return table
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def items_from_records(records: Sequence[dict]) -> List[TrainItem]:
+    """Pseudo-dataset records (or dicts with source_ids / reference_ids / output_ids)."""
+    return [
+        TrainItem(index=i, source_ids=list(r["source_ids"]), reference_ids=r.get("reference_ids"),
+                  output_ids=r.get("output_ids"), record=r)
+        for i, r in enumerate(records)
+    ]
+
+
+def training_metadata(config: TrainConfig, **extra) -> dict:
+    """What eval reports show: baseline (no KD) vs distilled (method)."""
+    meta = {"drafter": config.drafter, "loss": config.loss, "kd_loss": config.kd_loss,
+            "distill_method": config.distill_method if config.kd_loss > 0 else None,
+            "kd_temp": config.kd_temp if config.kd_loss > 0 else None, "steps": config.max_steps}
+    meta.update(extra)
+    return meta
+
+
+def stamp_training(folder: str, training: dict) -> None:
+    """Record how the drafter was trained in its config.json (``config.training``)."""
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    meta.setdefault("config", {})["training"] = training
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def acceptance_eval_fn(target, student, prompts: Sequence[Sequence[int]], *, gamma: int, max_new_tokens: int, device):
+    """eval_fn for the Trainer: α of the current student as a drafter on ``prompts`` (greedy)."""
+    import fastspec
+    from fastspec.distill.teacher import is_encoder_decoder, pad_left, pad_right, pad_token_id
+
+    model = hf_model(target)
+    pad = pad_right if is_encoder_decoder(model) else pad_left
+    ids, mask = pad(prompts, pad_token_id(model), device)
+
+    def run(step: int) -> dict:
+        with torch.no_grad():
+            out = fastspec.generate(model, student.as_drafter(), input_ids=ids, attention_mask=mask, gamma=gamma,
+                                    max_new_tokens=max_new_tokens, do_sample=False)
+        return {"alpha": float(out.metrics["acceptance_rate"])}
+
+    return run
+
+
+def fit_ngram_drafter(records: Sequence[dict], vocab: int, n: int, *, use_references: bool, use_outputs: bool):
+    """``--drafter ngram``: counts on references (baseline) and/or target outputs (distilled)."""
+    from fastspec.drafters import NgramDrafter
+
+    sequences = []
+    for r in records:
+        if use_references and r.get("reference_ids"):
+            sequences.append(r["reference_ids"])
+        if use_outputs and r.get("output_ids"):
+            sequences.append(r["output_ids"])
+    if not sequences:
+        raise TrainingError("no sequences to fit the n-gram drafter on (references or pseudo outputs)")
+    drafter = NgramDrafter(n=n, vocab_size=vocab)
+    drafter.fit(sequences)
+    return drafter
+
+
+def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progress: bool = True, init_from=None,
+                  drafter_options: Optional[dict] = None, dist_info: Optional[DistInfo] = None, pseudo_dir=None,
+                  eval_prompts=None, gamma: int = 5, eval_max_new_tokens: int = 32, resume: bool = False,
+                  ngram_n: int = 4):
+    """Train (or fit) a drafter of kind ``config.drafter`` for ``target``; returns the drafter.
+
+    records: dicts with ``source_ids`` and ``reference_ids`` and/or ``output_ids`` (a loaded
+    pseudo-dataset, or encoded examples).
+    """
+    from fastspec.distill.students import build_student
+    from fastspec.distill.teacher import vocab_size
+
+    config.progress = progress
+    model = hf_model(target)
+    if config.drafter == "ngram":
+        drafter = fit_ngram_drafter(records, vocab_size(model), ngram_n, use_references=config.loss > 0,
+                                    use_outputs=config.kd_loss > 0)
+        if config.out_dir:
+            folder = os.path.join(config.out_dir, "drafter")
+            drafter.save(folder)
+            stamp_training(folder, training_metadata(config, ngram_n=ngram_n))
+        return drafter
+    student = build_student(config.drafter, model, init_from=init_from, options=drafter_options, seed=config.seed)
+    info = dist_info or DistInfo(0, 1, 0, torch.device("cpu"))
+    eval_fn = None
+    if eval_prompts:
+        eval_fn = acceptance_eval_fn(model, student, eval_prompts, gamma=gamma, max_new_tokens=eval_max_new_tokens, device=info.device)
+
+    def save_fn(folder):
+        student.save_drafter(folder)
+        stamp_training(folder, training_metadata(config, pseudo_dataset=pseudo_dir))
+
+    trainer = Trainer(student, items_from_records(records), config, teacher=model, dist_info=info, eval_fn=eval_fn,
+                      save_fn=save_fn, pseudo_dir=pseudo_dir)
+    if resume and not trainer.resume():
+        raise CheckpointError(f"--resume: no checkpoint under {trainer.ckpt_root}")
+    trainer.train()
+    return student.as_drafter()
+
+
+def train_from_cli(args, drafter_options: dict) -> int:
+    """``fastspec train``: load target + data, train, save ``<output_root>/<exp_name>/drafter``."""
+    from fastspec.data import encode_references, load_examples
+    from fastspec.distill.distributed import init_distributed, shutdown
+    from fastspec.distill.pseudo import load_pseudo_dataset
+    from fastspec.eval import encode_prompts, load_target_and_tokenizer
+
+    out_dir = os.path.join(args.output_root, args.exp_name)
+    config = TrainConfig(
+        out_dir=out_dir, drafter=args.drafter, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip, loss=args.loss, kd_loss=args.kd_loss, kd_temp=args.kd_temp,
+        distill_method=args.distill_method, on_policy_divergence=args.on_policy_divergence,
+        on_policy_max_new_tokens=args.on_policy_max_new_tokens, teacher_logits=args.teacher_logits, seed=args.seed,
+        ckpt_every=args.ckpt_every, eval_every=args.eval_every, amp=args.amp, progress=not args.no_progress,
+    )
+    config.validate()
+    info = init_distributed(args.device)
+    try:
+        target, tokenizer = load_target_and_tokenizer(args.target, str(info.device))
+        if args.pseudo_dataset_path:
+            records = load_pseudo_dataset(args.pseudo_dataset_path)
+            if args.num_samples:
+                records = records[: args.num_samples]
+        else:
+            if args.drafter != "ngram" and config.kd_loss > 0 and config.distill_method == "seq_kd":
+                raise TrainingError("--distill_method seq_kd needs --pseudo_dataset_path")
+            examples = load_examples(args.dataset, split=args.split, limit=args.num_samples)
+            prompts = encode_prompts(tokenizer, target, [e.source for e in examples], args.max_source_length)
+            refs = encode_references(tokenizer, [e.reference for e in examples], max_target_length=args.max_target_length)
+            records = [{"index": i, "id": e.id, "source_ids": p, "reference_ids": r}
+                       for i, (e, p, r) in enumerate(zip(examples, prompts, refs))]
+        if args.drafter == "ngram" and config.kd_loss > 0 and not any(r.get("output_ids") for r in records):
+            raise TrainingError("a distilled n-gram drafter (--kd_loss > 0) is fitted on target outputs: give --pseudo_dataset_path")
+        eval_prompts = None
+        if args.eval_samples and args.drafter != "ngram":
+            val_spec = "aclsum" if args.dataset.startswith("aclsum_papers") else args.dataset
+            val = load_examples(val_spec, split="val", limit=args.eval_samples)
+            eval_prompts = encode_prompts(tokenizer, target, [e.source for e in val], args.max_source_length)
+        started = time.perf_counter()
+        train_drafter(target, records, config, progress=config.progress, init_from=args.init_from,
+                      drafter_options=drafter_options, dist_info=info, pseudo_dir=args.pseudo_dataset_path,
+                      eval_prompts=eval_prompts, gamma=args.gamma, eval_max_new_tokens=args.eval_max_new_tokens,
+                      resume=args.resume, ngram_n=args.ngram_n)
+        if info.is_main:
+            print(f"drafter saved to {os.path.join(out_dir, 'drafter')} ({time.perf_counter() - started:.1f}s)")
+    finally:
+        shutdown()
+    return 0
