@@ -1,0 +1,116 @@
+"""CNNDrafter: a small CAUSAL convolutional LM sharing the target's vocabulary.
+
+Left-padded convolutions only (position t sees tokens <= t), trained on shifted labels (the
+seed's CNN padded symmetrically and trained on unshifted labels, which leaks the answer).
+Drafting needs only the last ``receptive_field`` tokens, so the drafter is stateless; the γ-step
+greedy loop is one native call (``torch.ops.fastspec.cnn_draft_greedy``) and
+:func:`cnn_draft_reference` is its Python twin.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fastspec.drafters.context import right_to_left_pad
+from fastspec.drafters.neural import NeuralDrafter, TokenModel
+
+
+class CausalConvLM(TokenModel):
+    """embed (+proj) + source bias -> L x [causal conv k, GELU, residual] -> LayerNorm -> head."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, dim: int = 256, num_layers: int = 3, kernel_size: int = 4):
+        super().__init__(vocab_size, embed_dim, dim)
+        if num_layers < 1 or kernel_size < 1:
+            raise ValueError("num_layers and kernel_size must be >= 1")
+        self.num_layers, self.kernel_size = int(num_layers), int(kernel_size)
+        self.src_proj = nn.Linear(self.embed_dim, self.dim)
+        self.convs = nn.ModuleList(nn.Conv1d(self.dim, self.dim, self.kernel_size) for _ in range(self.num_layers))
+        self.norm = nn.LayerNorm(self.dim)
+        self.head = nn.Linear(self.dim, self.vocab_size, bias=False)
+
+    def config_dict(self) -> dict:
+        return dict(vocab_size=self.vocab_size, embed_dim=self.embed_dim, dim=self.dim, num_layers=self.num_layers,
+                    kernel_size=self.kernel_size)
+
+    @property
+    def receptive_field(self) -> int:
+        return self.num_layers * (self.kernel_size - 1) + 1
+
+    def source_bias(self, source: torch.Tensor) -> torch.Tensor:
+        """source [B,S] (-1 pad) -> [B,D], added to every input position."""
+        return self.src_proj(self.pooled_source(source))
+
+    def hidden(self, ids: torch.Tensor, src_bias: torch.Tensor) -> torch.Tensor:
+        """ids [B,L] (-1 = pad, masked to zero at every layer), src_bias [B,D] -> [B,L,D]."""
+        mask = (ids >= 0).unsqueeze(-1).to(src_bias.dtype)  # [B,L,1]
+        x = (self.embed_tokens(ids) + src_bias.unsqueeze(1)) * mask
+        for conv in self.convs:
+            y = conv(F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0)))  # causal: pad on the left only
+            x = (x + F.gelu(y.transpose(1, 2))) * mask
+        return x
+
+    def forward(self, ids: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """ids [B,L] right-padded -1, source [B,S] -1 padded -> logits [B,L,V]."""
+        return self.head(self.norm(self.hidden(ids, self.source_bias(source))))
+
+
+def cnn_draft_reference(model: CausalConvLM, window: torch.Tensor, src_bias: torch.Tensor, gamma: int):
+    """Python twin of the native loop: window [B,R] left-padded -1 -> (tokens [B,γ], logits [B,γ,V])."""
+    tokens, logits_all = [], []
+    win = window.clone()
+    for _ in range(gamma):
+        last = model.hidden(win, src_bias)[:, -1]  # [B,D]
+        last = F.layer_norm(last, (last.shape[-1],), model.norm.weight, model.norm.bias, model.norm.eps)
+        logits = F.linear(last, model.head.weight, model.head.bias)  # [B,V]
+        nxt = logits.argmax(-1)
+        tokens.append(nxt)
+        logits_all.append(logits)
+        win = torch.cat([win[:, 1:], nxt[:, None]], dim=1)
+    return torch.stack(tokens, 1), torch.stack(logits_all, 1)
+
+
+def cnn_draft_native(model: CausalConvLM, window: torch.Tensor, src_bias: torch.Tensor, gamma: int):
+    """The γ-step loop in one native call (same maths as :func:`cnn_draft_reference`)."""
+    proj = model.in_proj
+    return torch.ops.fastspec.cnn_draft_greedy(
+        window, src_bias, model.embed.weight, proj.weight if proj is not None else None,
+        proj.bias if proj is not None else None, [c.weight for c in model.convs], [c.bias for c in model.convs],
+        model.norm.weight, model.norm.bias, float(model.norm.eps), model.head.weight, model.head.bias, int(gamma),
+    )
+
+
+class CNNDrafter(NeuralDrafter):
+    """Causal CNN drafter; build with ``CNNDrafter.from_target(target, dim=..., num_layers=...)``."""
+
+    kind = "cnn"
+    model_class = CausalConvLM
+
+    def _condition(self) -> None:
+        self._src_bias = self.model.source_bias(self._source)  # [B,D], once per request
+
+    def _window(self, seq: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        return right_to_left_pad(seq, lens, self.model.receptive_field)  # [B,R]
+
+    def _greedy(self, seq, lens, gamma):
+        window = self._window(seq, lens)
+        if self.native:
+            return cnn_draft_native(self.model, window, self._src_bias, gamma)[0]
+        return cnn_draft_reference(self.model, window, self._src_bias, gamma)[0]
+
+    def _draft_sampled(self, seq, lens, gamma):
+        window = self._window(seq, lens)
+        prev = seq  # repetition penalty sees [start]+generated (+ drafts below)
+        tokens, probs = [], []
+        for _ in range(gamma):
+            hidden = self.model.hidden(window, self._src_bias)[:, -1]
+            logits = self.model.head(self.model.norm(hidden))
+            token, q = self.pick(logits, prev)
+            tokens.append(token)
+            probs.append(q)
+            window = torch.cat([window[:, 1:], token[:, None]], dim=1)
+            prev = torch.cat([prev, token[:, None]], dim=1)
+        return torch.stack(tokens, 1), torch.stack(probs, 1)
+
+
+__all__ = ["CNNDrafter", "CausalConvLM", "cnn_draft_reference", "cnn_draft_native"]
