@@ -560,3 +560,5 @@ def fused_verify(
         op(target_logits, draft_tokens, draft_probs, prev_tokens, uniforms, bool(do_sample),
            float(temperature), int(top_k), float(top_p), float(repetition_penalty))
     )
+
+from fastspec.ngram import NgramTable, ReferenceNgramTable  # noqa: E402,F401  (the n-gram table op, op 4)
