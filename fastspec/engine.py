@@ -152,6 +152,12 @@ def resolve_generation_config(model, generation_config=None, **kwargs):
     from transformers import GenerationConfig
 
     options = {k: kwargs.pop(k) for k in list(kwargs) if k in _ENGINE_OPTIONS}
+    # HF: nobody set max_length -> "20 new tokens" (not 20 in all)
+    options["default_max_length"] = (
+        kwargs.get("max_length") is None
+        and (generation_config is None or generation_config.max_length is None)
+        and getattr(getattr(model, "generation_config", None), "max_length", None) is None
+    )
     config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
     base = getattr(model, "generation_config", None)
     for source in ((base.to_dict() if base is not None else {}), _hf_defaults(model)):
@@ -262,6 +268,11 @@ def _validate(model, drafter, input_ids, attention_mask, gamma, config, options)
     prompt_width = input_ids.shape[-1]
     if config.max_new_tokens is not None:
         max_new_tokens = int(config.max_new_tokens)
+    elif options.get("default_max_length"):  # HF: 20 new tokens, capped by the model's max positions
+        max_new_tokens = int(config.max_length)
+        max_positions = _max_positions(model)
+        if max_positions is not None and not is_seq2seq:
+            max_new_tokens = min(max_new_tokens + prompt_width, max_positions) - prompt_width
     else:  # HF: max_length counts the prompt (causal) or the decoder start token (seq2seq)
         max_new_tokens = int(config.max_length) - (1 if is_seq2seq else prompt_width)
     if max_new_tokens <= 0:

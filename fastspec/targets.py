@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -73,9 +74,12 @@ def _load_gguf_cached(name_or_path, gguf_file: str, dtype):
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)  # atomic: concurrent loaders never see a half-written copy
+        try:
+            os.replace(tmp, folder)  # atomic: concurrent loaders never see a half-written copy
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # left only if another process won the race
     except OSError:
-        pass  # read-only cache dir: keep the dequantized model anyway
+        pass  # read-only cache dir (or a concurrent writer won): keep the dequantized model anyway
     return model, folder
 
 
