@@ -19,6 +19,15 @@ inline uint64_t value_index_key(float x, int64_t index) {
   return (uint64_t(float_order_key(x)) << 32) | uint64_t(uint32_t(index));
 }
 
+// Hot loops are compiled for AVX-512 / AVX2+FMA / baseline and picked at load time (GCC ifunc);
+// vector ISAs may fuse multiply-adds, which changes probabilities by an ulp or so, never tokens
+// except at exact float64 ties.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define FASTSPEC_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTSPEC_MULTIVERSION
+#endif
+
 // exp(x) for x <= 0 in float64, branch-free so the loops around it vectorise. Range reduction
 // x = n ln2 + r, |r| <= ln2/2, then a degree-13 Taylor polynomial: relative error ~1e-16,
 // i.e. equal to libm/Sleef up to a few ulps. x < -708 gives 0 (subnormal results dropped).
@@ -54,6 +63,70 @@ inline double exp_nonpositive(double x) {
   return underflow ? 0.0 : poly * scale;
 }
 
+// y = temperature-scaled, penalised logits (float32 arithmetic, as HF).
+FASTSPEC_MULTIVERSION
+void process_values(const float* x, const uint8_t* seen, float penalty, float temperature, int64_t n, float* y) {
+  if (seen != nullptr) {
+    for (int64_t v = 0; v < n; ++v) {
+      const float a = x[v];
+      const float penalised = a < 0.0f ? a * penalty : a / penalty;
+      y[v] = seen[v] ? penalised : a;
+    }
+  } else if (y != x) {
+    std::memcpy(y, x, size_t(n) * sizeof(float));
+  }
+  if (temperature != 1.0f)
+    for (int64_t v = 0; v < n; ++v) y[v] = y[v] / temperature;
+}
+
+// max of y with NaN / +inf flags; independent lanes so the loop vectorises.
+FASTSPEC_MULTIVERSION
+float max_and_flags(const float* y, int64_t n, int* nan, int* posinf) {
+  constexpr int kLanes = 16;
+  const float inf = std::numeric_limits<float>::infinity();
+  float lane_max[kLanes];
+  int lane_nan[kLanes], lane_inf[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane_max[l] = -inf, lane_nan[l] = 0, lane_inf[l] = 0;
+  int64_t v = 0;
+  for (; v + kLanes <= n; v += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = y[v + l];
+      lane_nan[l] |= a != a;
+      lane_inf[l] |= a == inf;
+      lane_max[l] = a > lane_max[l] ? a : lane_max[l];
+    }
+  float best = -inf;
+  int any_nan = 0, any_inf = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    best = lane_max[l] > best ? lane_max[l] : best;
+    any_nan |= lane_nan[l];
+    any_inf |= lane_inf[l];
+  }
+  for (; v < n; ++v) {
+    any_nan |= y[v] != y[v];
+    any_inf |= y[v] == inf;
+    best = y[v] > best ? y[v] : best;
+  }
+  *nan = any_nan;
+  *posinf = any_inf;
+  return best;
+}
+
+// w = exp(y - max) in float64, returns Σw (independent lanes: vectorises).
+FASTSPEC_MULTIVERSION
+double exp_weights(const float* y, int64_t n, double max_value, double* w) {
+  for (int64_t v = 0; v < n; ++v) w[v] = exp_nonpositive(double(y[v]) - max_value);
+  constexpr int kLanes = 8;
+  double lane[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t v = 0;
+  for (; v + kLanes <= n; v += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += w[v + l];
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += lane[l];
+  for (; v < n; ++v) sum += w[v];
+  return sum;
+}
+
 inline void write_output(const int64_t* draft, int64_t gamma, int64_t accepted, int64_t final_token, int64_t* out,
                          int64_t* num_accepted) {
   for (int64_t i = 0; i < accepted; ++i) out[i] = draft[i];
@@ -68,18 +141,36 @@ inline int32_t check_draft_tokens(const int64_t* draft, int64_t gamma, int64_t v
   return kStatusOk;
 }
 
-// A probability row: finite, >= 0, sums to 1 within tolerance.
+// A probability row: finite, >= 0, sums to 1 within tolerance (independent lanes: vectorises).
+FASTSPEC_MULTIVERSION
 int32_t check_prob_row(const float* row, int64_t vocab, double tolerance, int32_t bad_bit, int32_t sum_bit) {
+  constexpr int kLanes = 8;
+  const float largest = std::numeric_limits<float>::max();
+  double lane_sum[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int lane_bad[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t v = 0;
+  for (; v + kLanes <= vocab; v += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float x = row[v + l];
+      lane_bad[l] |= !(x >= 0.0f && x <= largest);  // NaN, inf, negative
+      lane_sum[l] += double(x);
+    }
   double sum = 0.0;
-  bool bad = false;
-  for (int64_t v = 0; v < vocab; ++v) {
-    float x = row[v];
-    bad |= !(x >= 0.0f && x <= std::numeric_limits<float>::max());  // NaN, inf, negative
-    sum += double(x);
+  int bad = 0;
+  for (int l = 0; l < kLanes; ++l) sum += lane_sum[l], bad |= lane_bad[l];
+  for (; v < vocab; ++v) {
+    bad |= !(row[v] >= 0.0f && row[v] <= largest);
+    sum += double(row[v]);
   }
   if (bad) return bad_bit;
   if (std::fabs(sum - 1.0) > tolerance) return sum_bit;
   return kStatusOk;
+}
+
+// w /= norm (the probabilities of the processed position).
+FASTSPEC_MULTIVERSION
+void normalize(double* w, int64_t n, double norm) {
+  for (int64_t v = 0; v < n; ++v) w[v] = w[v] / norm;
 }
 
 // First index whose float64 running sum (index order) exceeds u * total; -1 if total is 0.
@@ -128,37 +219,19 @@ int32_t greedy_position(const float* logits, const uint8_t* seen, float penalty,
                         int64_t* token) {
   const float* x = logits;
   if (seen != nullptr) {
-    float* y = ws.values.data();
-    for (int64_t v = 0; v < vocab; ++v) y[v] = seen[v] ? penalize(logits[v], penalty) : logits[v];
-    x = y;
+    process_values(logits, seen, penalty, 1.0f, vocab, ws.values.data());
+    x = ws.values.data();
   }
-  // Pass 1: max with 8 independent accumulators (vectorises) and a NaN flag.
-  constexpr int kLanes = 8;
-  float lane_max[kLanes];
-  int lane_nan[kLanes];
-  for (int l = 0; l < kLanes; ++l) lane_max[l] = -std::numeric_limits<float>::infinity(), lane_nan[l] = 0;
-  int64_t v = 0;
-  for (; v + kLanes <= vocab; v += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      float value = x[v + l];
-      lane_nan[l] |= value != value;
-      lane_max[l] = value > lane_max[l] ? value : lane_max[l];
-    }
-  float best = -std::numeric_limits<float>::infinity();
-  int nan = 0;
-  for (int l = 0; l < kLanes; ++l) best = std::max(best, lane_max[l]), nan |= lane_nan[l];
-  for (; v < vocab; ++v) {
-    nan |= x[v] != x[v];
-    best = std::max(best, x[v]);
-  }
+  int nan = 0, posinf = 0;
+  const float best = max_and_flags(x, vocab, &nan, &posinf);
   if (nan) return kNanLogits;
-  // Pass 2: the first index holding the max (all -inf: index 0, as torch.argmax).
-  for (int64_t w = 0; w < vocab; ++w)
-    if (x[w] == best) {
-      *token = w;
-      return kStatusOk;
-    }
+  // The first index holding the max (all -inf: index 0, as torch.argmax).
   *token = 0;
+  for (int64_t v = 0; v < vocab; ++v)
+    if (x[v] == best) {
+      *token = v;
+      break;
+    }
   return kStatusOk;
 }
 
@@ -191,44 +264,26 @@ int32_t sample_position(const float* logits, const uint8_t* seen, int64_t vocab,
                         VerifyWorkspace& ws, double* norm) {
   float* y = ws.values.data();
   double* w = ws.weights.data();
-  const float penalty = params.repetition_penalty;
-  const float temperature = params.temperature;
-  const bool scale = temperature != 1.0f;
-  // Pass 1: penalty, temperature (float32, as HF), max, NaN / +inf flags.
-  float best = -std::numeric_limits<float>::infinity();
-  int nan = 0, posinf = 0;
   const float inf = std::numeric_limits<float>::infinity();
-  for (int64_t v = 0; v < vocab; ++v) {
-    float x = logits[v];
-    if (seen != nullptr && seen[v]) x = penalize(x, penalty);
-    if (scale) x = x / temperature;
-    y[v] = x;
-    nan |= x != x;
-    posinf |= x == inf;
-    best = x > best ? x : best;
-  }
+  // Pass 1: penalty, temperature (float32, as HF); max, NaN / +inf flags.
+  process_values(logits, seen, params.repetition_penalty, params.temperature, vocab, y);
+  int nan = 0, posinf = 0;
+  const float best = max_and_flags(y, vocab, &nan, &posinf);
   if (nan) return kNanLogits;
   if (posinf) return kPosInfLogits;
   if (best == -inf) return kNoFiniteLogits;
-  // Top-k threshold (ties with the k-th value kept).
-  float kth = -inf;
-  const bool top_k = params.top_k > 0 && params.top_k < vocab;
-  if (top_k) kth = kth_largest(y, vocab, params.top_k, ws);
-  // Pass 2: float64 weights.
+  // Pass 2: float64 weights exp(y - max) of the tokens kept by top-k (ties with the k-th kept).
   const double max_value = best;
   double sum = 0.0;
-  if (top_k) {
-    for (int64_t v = 0; v < vocab; ++v) {
-      double e = y[v] >= kth ? exp_nonpositive(double(y[v]) - max_value) : 0.0;
+  if (params.top_k > 0 && params.top_k < vocab) {
+    const float kth = kth_largest(y, vocab, params.top_k, ws);
+    for (int64_t v = 0; v < vocab; ++v) {  // few survive: exp only for them
+      const double e = y[v] >= kth ? exp_nonpositive(double(y[v]) - max_value) : 0.0;
       w[v] = e;
       sum += e;
     }
   } else {
-    for (int64_t v = 0; v < vocab; ++v) {
-      double e = exp_nonpositive(double(y[v]) - max_value);
-      w[v] = e;
-      sum += e;
-    }
+    sum = exp_weights(y, vocab, max_value, w);
   }
   if (params.top_p < 1.0) {
     // Keep a token iff the mass of the tokens above it in (value, index) order is < top_p.
@@ -414,8 +469,9 @@ int32_t fused_verify_row(const float* logits, const int64_t* draft, const float*
     }
     if (!(u[accepted] * q_d < p_d)) break;
   }
-  const double* w = ws.weights.data();
-  auto prob = [w, norm](int64_t v) { return w[v] / norm; };
+  double* w = ws.weights.data();
+  normalize(w, vocab, norm);
+  auto prob = [w](int64_t v) { return w[v]; };
   int64_t token;
   if (accepted == gamma) {
     token = sample_residual(vocab, u[gamma], prob, [](int64_t) { return 0.0; });
