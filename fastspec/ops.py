@@ -155,7 +155,7 @@ def _check_prev_tokens(prev_tokens, batch, device):
     if prev_tokens.shape[0] != batch:
         raise ValueError(f"prev_tokens must have shape [B, L] with B = {batch}, got {list(prev_tokens.shape)}")
     if prev_tokens.device != device:
-        raise ValueError(f"prev_tokens is on {prev_tokens.device} but the logits are on {device}")
+        raise ValueError(f"prev_tokens is on {prev_tokens.device} but the logits are on {device}: all tensors must be on the same device")
     return prev_tokens.contiguous()
 
 
