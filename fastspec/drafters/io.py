@@ -50,8 +50,15 @@ def save_folder(
         meta["files"][WEIGHTS_FILE] = _sha256(path)
     for name, digest in (extra_files or {}).items():
         meta["files"][name] = digest
+    meta["config_sha256"] = _config_digest(meta)
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def _config_digest(meta: dict) -> str:
+    """SHA-256 of the canonical JSON of everything in config.json but this digest."""
+    body = {k: v for k, v in meta.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def file_sha256(path: str) -> str:
@@ -73,9 +80,11 @@ def read_config(folder: str) -> dict:
         raise ValueError(f"{path!r} is not a fastspec drafter config (format field missing or wrong)")
     if meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path!r} has drafter format version {meta.get('version')!r}; this fastspec reads {FORMAT_VERSION}")
-    for key in ("kind", "config", "files"):
+    for key in ("kind", "config", "files", "config_sha256"):
         if key not in meta:
             raise ValueError(f"corrupted drafter config {path!r}: field {key!r} missing")
+    if meta["config_sha256"] != _config_digest(meta):
+        raise ValueError(f"corrupted drafter config {path!r}: its checksum does not match its content")
     return meta
 
 
