@@ -165,11 +165,19 @@ def _optional_module(name: str):
 # --------------------------------------------------------------------------- helpers
 
 
+def _check_target(spec: str) -> None:
+    """A target that looks like a path must exist (hub names are 'name' or 'org/name')."""
+    if spec in ("smollm2", ""):
+        return
+    looks_like_path = os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1
+    if (looks_like_path or "/" not in spec) and not os.path.exists(os.path.expanduser(spec)):
+        raise ValueError(f"--target {spec!r}: no such folder (and not 'smollm2' or a hub name)")
+
+
 def _load_target(args):
     from fastspec.eval import load_target_and_tokenizer
 
-    if args.target not in ("smollm2", "") and not os.path.exists(args.target) and "/" not in args.target:
-        raise ValueError(f"--target {args.target!r}: no such folder (and not 'smollm2' or a hub name)")
+    _check_target(args.target)
     return load_target_and_tokenizer(args.target, args.device)
 
 
@@ -210,8 +218,8 @@ def cmd_pseudo(args) -> int:
     info = init_distributed(args.device)
     try:
         args.device = str(info.device)
-        target, tokenizer = _load_target(args)
         examples = load_examples(args.dataset, split=args.split, limit=args.num_samples)
+        target, tokenizer = _load_target(args)
         prompts = _encode(tokenizer, target, [e.source for e in examples], args.max_source_length)
         refs = encode_references(tokenizer, [e.reference for e in examples], max_target_length=args.max_target_length)
         sources = [SourceRecord(i, e.id, p, r) for i, (e, p, r) in enumerate(zip(examples, prompts, refs))]
@@ -239,6 +247,7 @@ def cmd_train(args) -> int:
         raise TrainingError(f"--drafter_config is not valid JSON: {err.msg}") from None
     if not isinstance(drafter_kwargs, dict):
         raise TrainingError("--drafter_config must be a JSON object")
+    _check_target(args.target)
     if args.pseudo_dataset_path and not os.path.exists(args.pseudo_dataset_path):
         raise TrainingError(f"--pseudo_dataset_path {args.pseudo_dataset_path}: no such folder")
     if args.resume and not os.path.isdir(os.path.join(args.output_root, args.exp_name, "checkpoints")):
@@ -257,6 +266,8 @@ def cmd_generate(args) -> int:
         raise ValueError("no input text (give --text or pipe text on stdin)")
     if args.ckpt_path and args.drafter:
         raise ValueError("give either --ckpt_path or --drafter, not both")
+    if args.ckpt_path and not os.path.isdir(args.ckpt_path):
+        raise ValueError(f"{args.ckpt_path}: no such drafter folder (missing checkpoint)")
     target, tokenizer = _load_target(args)
     if args.ckpt_path:
         drafter = _load_drafter_folder(args.ckpt_path, target)

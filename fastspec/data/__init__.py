@@ -39,4 +39,6 @@ def load_examples(spec: str, split: str = "train", limit: Optional[int] = None) 
         return load_aclsum(split, source=source, aspects=aspects, limit=limit)
     if os.path.exists(spec):
         return load_cnndm(spec, split=split, limit=limit)
+    if os.sep in spec or spec.endswith((".jsonl", ".json", ".csv")):
+        raise DataError(f"{spec}: no such file or folder")
     raise DataError(f"{spec}: not a dataset (use 'aclsum', 'aclsum:<section>[:<aspects>]', 'aclsum_papers' or a path)")
