@@ -200,43 +200,34 @@ def _neural_student(kind, target, options):
     name = NEURAL_CLASSES[kind]
     cls = getattr(drafters, name, None)
     if cls is None:
-        raise TrainingError(f"--drafter {kind} needs fastspec.drafters.{name}, which this build does not have yet")
-    return NeuralDrafterStudent(cls, target, options)
+        raise TrainingError(f"--drafter {kind} needs fastspec.drafters.{name}, which this build does not have")
+    try:
+        drafter = cls.from_target(target, **options)
+    except TypeError as err:  # an unknown --drafter_config key
+        raise TrainingError(f"--drafter_config does not fit {name}: {err}") from None
+    return DrafterStudent(drafter, drafter.student())
 
 
 def _layerskip_student(target, options):
-    from fastspec import drafters
-    from fastspec.distill.trainer import TrainingError
+    from fastspec.distill.layerskip import ExitHeadStudent
 
-    cls = getattr(drafters, "LayerSkipDrafter", None)
-    if cls is None:
-        raise TrainingError("--drafter layerskip needs fastspec.drafters.LayerSkipDrafter, which this build does not have yet")
-    return NeuralDrafterStudent(cls, target, options)
+    return ExitHeadStudent(target, **options)
 
 
-class NeuralDrafterStudent:
-    """Adapter for drafters that own an nn.Module (LSTM, CNN, LayerSkip exit head).
+class DrafterStudent:
+    """A drafter's own trainer view (``drafter.student()``: module / logits / sample /
+    vocab_size) plus what train_drafter needs: ``as_drafter`` and ``save_drafter``."""
 
-    Contract expected from the drafter class (see the issue-5 report):
-      ``cls.for_target(target, **options)`` -> drafter;  ``drafter.module`` (trainable nn.Module);
-      ``drafter.training_logits(module, source_ids, output_ids, device)`` -> (logits [B,T,V], mask [B,T]);
-      ``drafter.save(folder)``; ``drafter.vocab_size``.
-    """
-
-    def __init__(self, cls, target, options):
-        from fastspec.distill.trainer import TrainingError
-
-        if not hasattr(cls, "for_target"):
-            raise TrainingError(f"{cls.__name__} cannot be trained yet (no for_target/training_logits)")
-        self.drafter = cls.for_target(target, **options)
-        self.module = self.drafter.module
-        self.vocab_size = self.drafter.vocab_size
+    def __init__(self, drafter, inner):
+        self.drafter, self.inner = drafter, inner
+        self.module = inner.module
+        self.vocab_size = inner.vocab_size
 
     def logits(self, module, source_ids, output_ids, device):
-        return self.drafter.training_logits(module, source_ids, output_ids, device)
+        return self.inner.logits(module, source_ids, output_ids, device)
 
     def sample(self, source_ids, max_new_tokens, device):
-        return self.drafter.training_sample(source_ids, max_new_tokens, device)
+        return self.inner.sample(source_ids, max_new_tokens, device)
 
     def as_drafter(self):
         return self.drafter

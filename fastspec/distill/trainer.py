@@ -454,7 +454,8 @@ def acceptance_eval_fn(target, student, prompts: Sequence[Sequence[int]], *, gam
     return run
 
 
-def fit_ngram_drafter(records: Sequence[dict], vocab: int, n: int, *, use_references: bool, use_outputs: bool):
+def fit_ngram_drafter(records: Sequence[dict], vocab: int, n: int, *, use_references: bool, use_outputs: bool,
+                      start_token_id: Optional[int] = None):
     """``--drafter ngram``: counts on references (baseline) and/or target outputs (distilled)."""
     from fastspec.drafters import NgramDrafter
 
@@ -466,7 +467,7 @@ def fit_ngram_drafter(records: Sequence[dict], vocab: int, n: int, *, use_refere
             sequences.append(r["output_ids"])
     if not sequences:
         raise TrainingError("no sequences to fit the n-gram drafter on (references or pseudo outputs)")
-    drafter = NgramDrafter(n=n, vocab_size=vocab)
+    drafter = NgramDrafter.create(n, vocab, start_token_id=start_token_id)
     drafter.fit(sequences)
     return drafter
 
@@ -486,8 +487,9 @@ def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progr
     config.progress = progress
     model = hf_model(target)
     if config.drafter == "ngram":
+        start = model.config.decoder_start_token_id if model.config.is_encoder_decoder else None
         drafter = fit_ngram_drafter(records, vocab_size(model), ngram_n, use_references=config.loss > 0,
-                                    use_outputs=config.kd_loss > 0)
+                                    use_outputs=config.kd_loss > 0, start_token_id=start)
         if config.out_dir:
             folder = os.path.join(config.out_dir, "drafter")
             drafter.save(folder)
