@@ -276,18 +276,18 @@ def _ref_warp_probs64(scores32: torch.Tensor, temperature: float, top_k: int, to
     if 0 < top_k < V:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x.double(), dim=-1)
+    # float64 weights exp(x - max); the top-p walk compares unnormalised masses against top_p * Σ,
+    # which keeps exact ties (equal logits) exact in any summation order.
+    weights = torch.exp(x.double() - x.amax(-1, keepdim=True).double())
     if top_p < 1.0:
-        ascending_probs, order = torch.sort(x, dim=-1, descending=False, stable=True)
-        p_sorted = probs.gather(-1, order)
+        total = weights.sum(-1, keepdim=True)
+        _, order = torch.sort(x, dim=-1, descending=False, stable=True)
+        descending = weights.gather(-1, order).flip(-1)
         # mass after position j in ascending order = exclusive prefix sum of the descending order
-        descending = p_sorted.flip(-1)
         after = torch.cat([torch.zeros_like(descending[..., :1]), descending.cumsum(-1)[..., :-1]], -1).flip(-1)
-        remove_sorted = after >= top_p
-        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-        x = x.masked_fill(remove, float("-inf"))
-        probs = torch.softmax(x.double(), dim=-1)
-    return probs
+        remove = torch.zeros_like(after, dtype=torch.bool).scatter(-1, order, after >= top_p * total)
+        weights = weights.masked_fill(remove, 0.0)
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def _ref_check_logits(name: str, logits: torch.Tensor, do_sample: bool) -> None:

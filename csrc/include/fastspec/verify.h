@@ -62,6 +62,7 @@ struct VerifyWorkspace {
 
 // Order-preserving keys: float -> uint32, and (value, index) -> uint64 (HF's stable ascending order).
 inline uint32_t float_order_key(float x) {
+  x = x == 0.0f ? 0.0f : x;  // -0 == +0, as torch.sort compares them
   uint32_t bits;
   static_assert(sizeof(bits) == sizeof(x), "float must be 32-bit");
   __builtin_memcpy(&bits, &x, sizeof(bits));
