@@ -6,6 +6,10 @@ the active rows) / (the arm's draft time + the time the target took between ``dr
 and ``commit`` being called). So a cheap drafter with fair acceptance can beat an expensive
 accurate one. With ``cost_aware=False`` the reward is the acceptance β = accepted / γ.
 
+Timing makes the arm choice depend on the machine (still lossless: a choice never depends on the
+verifier's random draws, only on past steps). Pass ``costs`` (relative seconds per step, one per
+arm) for reproducible choices, e.g. under a seed with sampling.
+
 Arm choice is UCB1 on rewards normalised by the best arm's mean:
 ``score_i = mean_i / max_j mean_j + exploration * sqrt(2 ln N / n_i)`` (untried arms first).
 Statistics persist across requests (a prior for the next one) unless ``reset_per_request``.
@@ -34,6 +38,7 @@ class EnsembleDrafter(Drafter):
         cost_aware: bool = True,
         reset_per_request: bool = False,
         names: Optional[Sequence[str]] = None,
+        costs: Optional[Sequence[float]] = None,
     ):
         if len(drafters) < 1:
             raise ValueError("EnsembleDrafter needs at least one drafter")
@@ -46,6 +51,9 @@ class EnsembleDrafter(Drafter):
         self.exploration = float(exploration)
         self.cost_aware = bool(cost_aware)
         self.reset_per_request = bool(reset_per_request)
+        if costs is not None and (len(costs) != len(drafters) or any(float(c) <= 0 for c in costs)):
+            raise ValueError("costs must hold one positive number per drafter")
+        self.costs = [float(c) for c in costs] if costs is not None else None
         self.reset_stats()
 
     @property
@@ -102,7 +110,8 @@ class EnsembleDrafter(Drafter):
         active = info.active.bool()
         accepted = float(info.num_accepted[active].float().mean()) if bool(active.any()) else 0.0
         if self.cost_aware:
-            reward = (1.0 + accepted) / max(draft_s + verify_s, 1e-9)
+            seconds = self.costs[arm] if self.costs is not None else draft_s + verify_s
+            reward = (1.0 + accepted) / max(seconds, 1e-9)
         else:
             reward = accepted / max(gamma, 1)
         self.pulls[arm] += 1
@@ -135,7 +144,7 @@ class EnsembleDrafter(Drafter):
             d.save(os.path.join(folder, sub))
             subdirs.append(sub)
         config = {"drafters": subdirs, "names": self.names, "exploration": self.exploration,
-                  "cost_aware": self.cost_aware, "reset_per_request": self.reset_per_request}
+                  "cost_aware": self.cost_aware, "reset_per_request": self.reset_per_request, "costs": self.costs}
         save_folder(folder, "ensemble", config)
 
     @classmethod
@@ -153,7 +162,8 @@ class EnsembleDrafter(Drafter):
                     loader_kwargs = {k: v for k, v in kwargs.items() if k == "target"}
                 drafters.append(load_drafter(path, **loader_kwargs))
             return cls(drafters, names=config["names"], exploration=float(config["exploration"]),
-                       cost_aware=bool(config["cost_aware"]), reset_per_request=bool(config["reset_per_request"]))
+                       cost_aware=bool(config["cost_aware"]), reset_per_request=bool(config["reset_per_request"]),
+                       costs=config.get("costs"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"corrupted ensemble config in {folder!r}: {e}") from None
 
