@@ -87,6 +87,18 @@ class IdSlots {
     (void)key;
 #endif
   }
+  // If the home slot of `key` holds a fingerprint match, prefetch that id's record.
+  template <class AddressOf>
+  void prefetch_owner(uint64_t key, const AddressOf& address_of) const {
+#if defined(__GNUC__)
+    const uint64_t h = ngram::mix64(key);
+    const uint64_t s = slots_[static_cast<size_t>(h) & (slots_.size() - 1)];
+    if (s != kEmpty && (s >> 32) == (h >> 32)) __builtin_prefetch(address_of(static_cast<uint32_t>(s)));
+#else
+    (void)key;
+    (void)address_of;
+#endif
+  }
 
  private:
   static constexpr uint64_t kEmpty = ~uint64_t(0);  // id 0xFFFFFFFF is never used
@@ -270,28 +282,70 @@ struct NgramTable::Impl {
       throw std::overflow_error("NgramTable: more than 2^32-1 tokens in total");
   }
 
+  // Counting is memory-latency bound (every lookup is a cache miss in a large table),
+  // so positions are processed order by order: within one order the lookups of
+  // different positions are independent, and the loop prefetches the hash slot two
+  // strides ahead and the record it points to one stride ahead.
   void count_sequences(const int64_t* tokens, const int64_t* offsets, int64_t num_seqs) {
     ++version;
+    constexpr size_t kChunk = size_t(1) << 20;  // positions per batch (bounds scratch memory)
+    std::vector<int64_t> pos;    // positions of real tokens
+    std::vector<uint8_t> reach;  // real tokens right before each in its run, <= n-1
+    pos.reserve(kChunk);
+    reach.reserve(kChunk);
     for (int64_t s = 0; s < num_seqs; ++s) {
-      const int64_t begin = offsets[s], end = offsets[s + 1];
-      for (int64_t i = begin; i < end; ++i) {
-        if (tokens[i] < 0) continue;
-        const uint32_t w = static_cast<uint32_t>(tokens[i]);
-        // Memory latency bound: walk the contexts first, prefetching the count slot of
-        // each, then count; and prefetch the next position's first context lookup.
-        if (i + 1 < end) context_slots.prefetch(ngram::edge_key(0, w));
-        uint32_t path[ngram::kMaxOrder];
-        int depth = 0;
-        path[0] = 0;
-        entry_slots.prefetch(ngram::edge_key(0, w));
-        for (int c = 1; c < n; ++c) {
-          const int64_t j = i - c;
-          if (j < begin || tokens[j] < 0) break;  // -1 breaks the sequence
-          const uint32_t ctx = child(path[depth], static_cast<uint32_t>(tokens[j])).first;
-          path[++depth] = ctx;
-          entry_slots.prefetch(ngram::edge_key(ctx, w));
+      int run = 0;
+      for (int64_t i = offsets[s]; i < offsets[s + 1]; ++i) {
+        if (tokens[i] < 0) {  // -1 breaks the sequence
+          run = 0;
+          continue;
         }
-        for (int k = 0; k <= depth; ++k) add(path[k], w, 1);
+        pos.push_back(i);
+        reach.push_back(static_cast<uint8_t>(std::min(run, n - 1)));
+        ++run;
+        if (pos.size() == kChunk) {
+          count_positions(tokens, pos, reach);
+          pos.clear();
+          reach.clear();
+        }
+      }
+    }
+    count_positions(tokens, pos, reach);
+  }
+
+  void count_positions(const int64_t* tokens, const std::vector<int64_t>& pos, const std::vector<uint8_t>& reach) {
+    constexpr size_t kAhead = 8;
+    const size_t num = pos.size();
+    for (size_t a = 0; a < num; ++a) add(0, static_cast<uint32_t>(tokens[pos[a]]), 1);  // unigrams: hot
+    std::vector<uint32_t> ctx(num, 0);  // each position's context of the previous order
+    std::vector<uint32_t> live(num);    // positions that have a context of this order
+    for (size_t a = 0; a < num; ++a) live[a] = static_cast<uint32_t>(a);
+    auto context_at = [this](uint32_t id) { return static_cast<const void*>(&contexts[id]); };
+    auto entry_at = [this](uint32_t id) { return static_cast<const void*>(&entries[id]); };
+    for (int k = 1; k < n; ++k) {
+      size_t m = 0;
+      for (const uint32_t idx : live)
+        if (reach[idx] >= k) live[m++] = idx;
+      live.resize(m);
+      if (m == 0) break;
+      // order-k context = (order-(k-1) context) extended by the token k back
+      auto ctx_key = [&](uint32_t idx) {
+        return ngram::edge_key(ctx[idx], static_cast<uint32_t>(tokens[pos[idx] - k]));
+      };
+      for (size_t a = 0; a < m; ++a) {
+        if (a + 2 * kAhead < m) context_slots.prefetch(ctx_key(live[a + 2 * kAhead]));
+        if (a + kAhead < m) context_slots.prefetch_owner(ctx_key(live[a + kAhead]), context_at);
+        const uint32_t idx = live[a];
+        ctx[idx] = child(ctx[idx], static_cast<uint32_t>(tokens[pos[idx] - k])).first;
+      }
+      auto count_key = [&](uint32_t idx) {
+        return ngram::edge_key(ctx[idx], static_cast<uint32_t>(tokens[pos[idx]]));
+      };
+      for (size_t a = 0; a < m; ++a) {
+        if (a + 2 * kAhead < m) entry_slots.prefetch(count_key(live[a + 2 * kAhead]));
+        if (a + kAhead < m) entry_slots.prefetch_owner(count_key(live[a + kAhead]), entry_at);
+        const uint32_t idx = live[a];
+        add(ctx[idx], static_cast<uint32_t>(tokens[pos[idx]]), 1);
       }
     }
   }

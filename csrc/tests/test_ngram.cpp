@@ -186,7 +186,14 @@ TEST(NgramTable, UpdateEqualsFitOnConcatenation) {
   fit(twice, a);
   fit(twice, b, /*incremental=*/true);
   EXPECT_EQ(once.num_entries(), twice.num_entries());
-  EXPECT_EQ(once.serialize(), twice.serialize());
+  EXPECT_EQ(once.num_contexts(), twice.num_contexts());
+  EXPECT_EQ(once.num_tokens(), twice.num_tokens());
+  // Ids may be assigned in another order, so compare what the tables say.
+  for (int trial = 0; trial < 200; ++trial) {
+    const auto ctx = random_corpus(rng, 20, 1, 6, false)[0];
+    ASSERT_EQ(next_probs(once, ctx), next_probs(twice, ctx));
+    ASSERT_EQ(draft(once, ctx, 4), draft(twice, ctx, 4));
+  }
 }
 
 TEST(NgramTable, MatchesBruteForceOnRandomCorpora) {
