@@ -33,16 +33,21 @@ class NgramDrafter(Drafter):
 
     deterministic = False  # greedy: argmax drafts (probs None); sampling: q returned
 
-    def __init__(self, table, start_token_id: Optional[int] = None):
+    def __init__(self, table=None, *, n: Optional[int] = None, vocab_size: Optional[int] = None,
+                 smoothing: float = 1.0, start_token_id: Optional[int] = None):
+        if table is None:
+            if n is None or vocab_size is None:
+                raise ValueError("NgramDrafter needs a table, or n= and vocab_size= to make one")
+            from fastspec.ngram import NgramTable
+
+            table = NgramTable(n, vocab_size, smoothing)
         self.table = table
         self.vocab_size = int(table.vocab_size)
         self.start_token_id = start_token_id
 
     @classmethod
     def create(cls, n: int, vocab_size: int, smoothing: float = 1.0, start_token_id: Optional[int] = None):
-        from fastspec.ngram import NgramTable
-
-        return cls(NgramTable(n, vocab_size, smoothing), start_token_id=start_token_id)
+        return cls(n=n, vocab_size=vocab_size, smoothing=smoothing, start_token_id=start_token_id)
 
     # ------------------------------------------------------------------ fitting
     def _with_start(self, sequences: Sequence[Sequence[int]]):
