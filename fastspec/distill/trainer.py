@@ -430,6 +430,10 @@ def stamp_training(folder: str, training: dict) -> None:
     with open(path, encoding="utf-8") as handle:
         meta = json.load(handle)
     meta.setdefault("config", {})["training"] = training
+    if "config_sha256" in meta:  # io.py checksums config.json: re-seal it with the same digest function
+        from fastspec.drafters.io import _config_digest
+
+        meta["config_sha256"] = _config_digest(meta)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
