@@ -10,9 +10,10 @@ and each drafter's cost per step against a target forward (c).
   - CNN (3 causal conv layers, k=4, dim 256) and LSTM (1 layer, 256) at vocab 32128 (T5) and
     49152 (SmolLM2), embeddings 768 / 576 wide projected to 256.
   - n-gram: n=4 on the aclsum train references, contexts from the test references.
-* ``test_cost_per_step``: per drafter, the time of one drafter.draft(γ=5) call divided by γ,
+* ``test_cost_per_step_*``: per drafter, the time of one drafter.draft(γ=5) call divided by γ,
   and c = that / the time of one single-token cached target forward, for a FLAN-T5-base-shaped
-  target (random weights, 12+12 layers, d_model 768, vocab 32128) with a 128-token source.
+  target (random weights, 12+12 layers, d_model 768, vocab 32128) with a 128-token source, and
+  for the real SmolLM2-135M-Instruct with an aclsum chat prompt.
 
 Run:   OMP_NUM_THREADS=1 python -m pytest bench/bench_drafters.py -s --benchmark-only
 Knobs: FASTSPEC_BENCH_ROUNDS (default 15), FASTSPEC_MACHINE (written beside the tables).
@@ -185,12 +186,38 @@ def test_runtime_vs_python_neural_small_head(benchmark, kind, vocab):
 # ---------------------------------------------------------------------------------------------
 # cost per step and c on a FLAN-T5-base-shaped target
 # ---------------------------------------------------------------------------------------------
-def test_cost_per_step(benchmark, t5_data):
+def _cost_table(benchmark, label, target_step, drafters, request, step):
+    """Interleave target steps and draft calls; print μs per drafted token and c per drafter."""
+    for d in drafters.values():
+        d.begin(request)
+    fns = {"target": target_step}
+    fns.update({name: (lambda d=d: d.draft(step)) for name, d in drafters.items()})
+    times = {}
+    benchmark.pedantic(lambda: times.update(_interleaved(fns, rounds=max(ROUNDS // 3, 5))), rounds=1, iterations=1)
+    target_s = statistics.median(times["target"])
+    lines = [f"machine: {MACHINE}; {label}, one cached single-token target forward = {target_s * 1e3:.1f} ms",
+             "| drafter | μs per drafted token (γ=5 call / 5) | c |", "|---|---|---|"]
+    for name in drafters:
+        per_token = statistics.median(times[name]) / GAMMA
+        c = statistics.median(d / GAMMA / t for d, t in zip(times[name], times["target"]))
+        lines.append(f"| {name} | {per_token * 1e6:.0f} | {c:.4f} |")
+        benchmark.extra_info[name] = {"us_per_token": per_token * 1e6, "c": c}
+    print("\n" + "\n".join(lines))
+
+
+def _step(generated):
+    from fastspec.drafters.base import DraftStep
+
+    return DraftStep(generated=generated, num_generated=torch.tensor([generated.shape[1]]),
+                     active=torch.ones(1, dtype=torch.bool), gamma=GAMMA)
+
+
+def test_cost_per_step_flan_t5_base_shaped(benchmark, t5_data):
     from transformers import T5Config, T5ForConditionalGeneration
 
     from fastspec import drafters as fd
     from fastspec.cache import new_cache
-    from fastspec.drafters.base import DraftRequest, DraftStep
+    from fastspec.drafters.base import DraftRequest
 
     sources, refs, train_refs = t5_data
     torch.manual_seed(0)
@@ -201,7 +228,6 @@ def test_cost_per_step(benchmark, t5_data):
     src = torch.tensor([sources[0][:128]])
     mask = torch.ones_like(src)
     generated = torch.tensor([refs[0][:24]])
-
     with torch.no_grad():
         encoder_outputs = target.get_encoder()(input_ids=src, attention_mask=mask)
         cache = new_cache(target)
@@ -225,20 +251,45 @@ def test_cost_per_step(benchmark, t5_data):
     }
     request = DraftRequest(source_ids=src, source_mask=mask, is_encoder_decoder=True, vocab_size=32128,
                            decoder_start_token_id=0)
-    step = DraftStep(generated=generated, num_generated=torch.tensor([generated.shape[1]]),
-                     active=torch.ones(1, dtype=torch.bool), gamma=GAMMA)
-    for d in drafters.values():
-        d.begin(request)
-    fns = {"target": target_step}
-    fns.update({name: (lambda d=d: d.draft(step)) for name, d in drafters.items()})
-    times = {}
-    benchmark.pedantic(lambda: times.update(_interleaved(fns, rounds=max(ROUNDS // 3, 5))), rounds=1, iterations=1)
-    target_s = statistics.median(times["target"])
-    lines = [f"machine: {MACHINE}; FLAN-T5-base-shaped target, one cached decoder step = {target_s * 1e3:.1f} ms",
-             "| drafter | μs per drafted token (γ=5 call / 5) | c |", "|---|---|---|"]
-    for name in drafters:
-        per_token = statistics.median(times[name]) / GAMMA
-        c = statistics.median(d / GAMMA / t for d, t in zip(times[name], times["target"]))
-        lines.append(f"| {name} | {per_token * 1e6:.0f} | {c:.4f} |")
-        benchmark.extra_info[name] = {"us_per_token": per_token * 1e6, "c": c}
-    print("\n" + "\n".join(lines))
+    _cost_table(benchmark, "FLAN-T5-base-shaped target (random weights)", target_step, drafters, request,
+                _step(generated))
+
+
+def test_cost_per_step_smollm2(benchmark):
+    from fastspec import drafters as fd
+    from fastspec.cache import new_cache
+    from fastspec.data import load_examples
+    from fastspec.drafters.base import DraftRequest
+    from fastspec.targets import load_smollm2
+
+    target, tok = load_smollm2()
+    test = load_examples("aclsum", split="test", limit=1)
+    train_refs = tok([e.reference for e in load_examples("aclsum", split="train")])["input_ids"]
+    messages = [{"role": "user", "content": "Summarize:\n" + test[0].source}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    src = prompt["input_ids"]
+    mask = torch.ones_like(src)
+    generated = torch.tensor([tok(test[0].reference)["input_ids"][:24]])
+    full = torch.cat([src, generated], 1)
+    with torch.no_grad():
+        cache = new_cache(target)
+        target(input_ids=full[:, :-1], past_key_values=cache, use_cache=True)
+
+    def target_step():
+        with torch.no_grad():
+            target(input_ids=full[:, -1:], past_key_values=cache, use_cache=True)
+        cache.crop(-1)
+
+    vocab = int(target.get_output_embeddings().weight.shape[0])
+    ngram = fd.NgramDrafter.create(4, vocab).fit(train_refs)
+    drafters = {
+        "prompt lookup": fd.PromptLookupDrafter(),
+        "prompt lookup + n-gram": fd.PromptLookupDrafter(fallback=ngram),
+        "n-gram (n=4)": ngram,
+        "CNN (dim 256)": fd.CNNDrafter.from_target(target, dim=256, num_layers=3, kernel_size=4),
+        "LSTM (256)": fd.LSTMDrafter.from_target(target, dim=256, hidden_size=256),
+        "layer skip (2 of 30 layers)": fd.LayerSkipDrafter(target, 2),
+    }
+    request = DraftRequest(source_ids=src, source_mask=mask, is_encoder_decoder=False, vocab_size=vocab)
+    _cost_table(benchmark, f"SmolLM2-135M-Instruct (prompt {src.shape[1]} tokens)", target_step, drafters, request,
+                _step(generated))
