@@ -229,6 +229,18 @@ def test_save_load_round_trip(saved_table, tmp_path):
     assert torch.equal(v.draft(ctx, 8), t.draft(ctx, 8))
     u.save(tmp_path / "again.fsng")
     assert (tmp_path / "again.fsng").read_bytes() == data
+    # A loaded table keeps counting like the original.
+    more = zipf_corpus(200, 4, 60, seed=8)
+    grown = NgramTable(4, 200, 0.5).fit(corpus + more)
+    assert torch.equal(u.update(more).draft(ctx, 8, return_probs=True)[1], grown.draft(ctx, 8, return_probs=True)[1])
+    assert u.num_entries == grown.num_entries
+
+
+def test_public_names():
+    import fastspec
+
+    assert fastspec.NgramTable is NgramTable
+    assert fastspec.ops.NgramTable is NgramTable and fastspec.ops.ReferenceNgramTable is ReferenceNgramTable
 
 
 def _load_bytes(tmp_path, data):
