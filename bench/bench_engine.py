@@ -1,0 +1,113 @@
+"""Engine benchmarks (CPU-friendly), ratios measured in one run with A/B interleaved.
+
+1. Engine overhead: oracle drafter (α = 1) on a FLAN-T5-base-shaped target (random weights):
+   non-model time per step as a share of the target forward time (goal ≤ 10%), and measured
+   speedup over autoregressive (same engine) vs the ideal (γ+1)/(γc+1) (goal ≥ 0.85).
+2. fastspec autoregressive (drafter=None) vs HF generate(), greedy, 64 new tokens (goal ≥ 1.0).
+
+Run:  OMP_NUM_THREADS=2 python -m pytest bench/bench_engine.py -q -s --benchmark-disable-gc
+Env:  FASTSPEC_BENCH_LAYERS (default 12), FASTSPEC_BENCH_REPEATS (default 5), FASTSPEC_BENCH_GAMMA (5).
+"""
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+import fastspec
+from fastspec.drafters import OracleDrafter
+
+LAYERS = int(os.environ.get("FASTSPEC_BENCH_LAYERS", "12"))
+REPEATS = int(os.environ.get("FASTSPEC_BENCH_REPEATS", "5"))
+GAMMA = int(os.environ.get("FASTSPEC_BENCH_GAMMA", "5"))
+NEW_TOKENS = 64
+TEXT = (
+    "summarize: Speculative decoding accelerates autoregressive generation by letting a cheap drafter "
+    "propose several tokens that the large target model verifies in a single forward pass. The output "
+    "distribution is provably unchanged, so the method is lossless, and the speedup depends on how often "
+    "the target accepts the drafted tokens and on how cheap the drafter is compared with the target."
+)
+
+
+@pytest.fixture(scope="module")
+def t5_base_shaped():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from fastspec.targets import load_t5_tokenizer
+
+    config = T5Config(
+        vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=LAYERS, num_decoder_layers=LAYERS,
+        num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+        eos_token_id=1, pad_token_id=0, dropout_rate=0.0,
+    )
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config).eval()
+    enc = load_t5_tokenizer()(TEXT, return_tensors="pt")
+    return model, enc["input_ids"], enc["attention_mask"]
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def _engine_figures(model, ids, mask):
+    kwargs = dict(max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
+    reference = fastspec.generate(model, None, ids, mask, **kwargs).sequences  # warm-up + oracle text
+    assert reference.shape[1] == 1 + NEW_TOKENS
+    continuation = [reference[0, 1:].tolist()]
+    ar_times, spec_times, overhead_shares, ideal, alphas = [], [], [], [], []
+    for _ in range(REPEATS):  # A/B interleaved
+        t_ar, ar = _timed(lambda: fastspec.generate(model, None, ids, mask, **kwargs))
+        t_spec, spec = _timed(
+            lambda: fastspec.generate(model, OracleDrafter(continuation), ids, mask, gamma=GAMMA, **kwargs)
+        )
+        assert torch.equal(spec.sequences, reference) and torch.equal(ar.sequences, reference)
+        m = spec.metrics
+        ar_times.append(t_ar)
+        spec_times.append(t_spec)
+        # non-model time per step / target forward time per step
+        overhead_shares.append((m.engine_time_s / m.num_steps) / (m.target_time_s / m.target_calls))
+        ideal.append(m.ideal_speedup)
+        alphas.append(m.acceptance_rate)
+    speedup = statistics.median(a / s for a, s in zip(ar_times, spec_times))
+    return dict(
+        layers=LAYERS, gamma=GAMMA, alpha=statistics.median(alphas),
+        ar_s=statistics.median(ar_times), spec_s=statistics.median(spec_times),
+        overhead_share=statistics.median(overhead_shares), speedup=speedup,
+        ideal_speedup=statistics.median(ideal), speedup_vs_ideal=speedup / statistics.median(ideal),
+    )
+
+
+def _ar_vs_hf(model, ids, mask):
+    hf_kwargs = dict(do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        hf_ref = model.generate(input_ids=ids, attention_mask=mask, **hf_kwargs)  # warm-up
+    ours_ref = fastspec.generate(model, None, ids, mask, **kwargs)
+    assert hf_ref.shape == ours_ref.sequences.shape
+    hf_times, ours_times = [], []
+    for _ in range(REPEATS):
+        with torch.no_grad():
+            t_hf, _ = _timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **hf_kwargs))
+        t_ours, _ = _timed(lambda: fastspec.generate(model, None, ids, mask, **kwargs))
+        hf_times.append(t_hf)
+        ours_times.append(t_ours)
+    return dict(
+        hf_s=statistics.median(hf_times), fastspec_ar_s=statistics.median(ours_times),
+        ratio_hf_over_fastspec=statistics.median(h / o for h, o in zip(hf_times, ours_times)),
+    )
+
+
+def test_engine_overhead_oracle(benchmark, t5_base_shaped):
+    figures = benchmark.pedantic(lambda: _engine_figures(*t5_base_shaped), rounds=1, iterations=1)
+    benchmark.extra_info.update(figures)
+    print("\nengine overhead:", {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
+
+
+def test_fastspec_ar_vs_hf_generate(benchmark, t5_base_shaped):
+    figures = benchmark.pedantic(lambda: _ar_vs_hf(*t5_base_shaped), rounds=1, iterations=1)
+    benchmark.extra_info.update(figures)
+    print("\nAR vs HF:", {k: round(v, 4) for k, v in figures.items()})
