@@ -69,8 +69,9 @@ def test_pseudo_matches_target_greedy(target_dir, tmp_path, capsys):
         assert rec["reference_ids"][-1] == 1 and rec["generation"] == {"max_new_tokens": 6, "do_sample": False}
 
 
-def test_pseudo_killed_subprocess_resumes_without_duplicates(target_dir, tmp_path):
-    args = PSEUDO + ["--target", target_dir, "--num_samples", "40", "--batch_size", "1", "--max_new_tokens", "12"]
+def test_pseudo_killed_subprocess_resumes_without_duplicates(target_dir, tmp_path, capsys):
+    n = 24
+    args = PSEUDO + ["--target", target_dir, "--num_samples", str(n), "--batch_size", "1", "--max_new_tokens", "12"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     cmd = [sys.executable, "-m", "fastspec.cli"] + args
     proc = subprocess.Popen(cmd + ["--out", str(cut)], env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -88,13 +89,13 @@ def test_pseudo_killed_subprocess_resumes_without_duplicates(target_dir, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert 3 <= json.load(open(cursor))["batches_done"] < 40, "the run was not interrupted mid-way"
+    assert 3 <= json.load(open(cursor))["batches_done"] < n, "the run was not interrupted mid-way"
     assert not (cut / "pseudo.jsonl").exists()
-    subprocess.run(cmd + ["--out", str(cut)], env=_env(), cwd=REPO, check=True, capture_output=True)
-    subprocess.run(cmd + ["--out", str(full)], env=_env(), cwd=REPO, check=True, capture_output=True)
+    assert _run_cli(args + ["--out", str(cut)], capsys)[0] == 0  # resume (in-process)
+    assert _run_cli(args + ["--out", str(full)], capsys)[0] == 0  # the uninterrupted run, in-process
     assert (cut / "pseudo.jsonl").read_bytes() == (full / "pseudo.jsonl").read_bytes()
     indices = [json.loads(l)["index"] for l in open(cut / "shards" / "part-00000-of-00001.jsonl")]
-    assert indices == list(range(40))
+    assert indices == list(range(n))
 
 
 @pytest.mark.slow
