@@ -19,22 +19,17 @@ VerifyWorkspace& thread_workspace() {
 // target_logits [B,γ+1,V], draft_tokens [B,γ] -> (output_tokens [B,γ+1], num_accepted [B])
 std::tuple<Tensor, Tensor> verify_greedy_cpu(const Tensor& target_logits, const Tensor& draft_tokens) {
   const char* op = "verify_greedy";
-  check_floating(op, "target_logits", target_logits, 3);
-  const int64_t B = target_logits.size(0), K = target_logits.size(1), V = target_logits.size(2);
-  TORCH_CHECK(K >= 1 && V >= 1, "fastspec.", op, ": target_logits must be [B, γ+1, V] with γ+1 >= 1, V >= 1");
-  check_tokens(op, "draft_tokens", draft_tokens, B, K - 1);
-  check_device(op, "draft_tokens", draft_tokens, target_logits.device());
-  const Tensor logits = as_float32(target_logits);
-  const Tensor draft = draft_tokens.contiguous();
-  Tensor out = at::empty({B, K}, draft.options());
-  Tensor num_accepted = at::empty({B}, draft.options());
-  Tensor status = at::zeros({B}, at::dtype(at::kInt));
-  const float* x = logits.data_ptr<float>();
-  const int64_t* d = draft.data_ptr<int64_t>();
+  const GreedyArgs a = prepare_greedy(op, target_logits, draft_tokens);
+  const int64_t K = a.K, V = a.V;
+  Tensor out = at::empty({a.B, K}, a.draft.options());
+  Tensor num_accepted = at::empty({a.B}, a.draft.options());
+  Tensor status = at::zeros({a.B}, at::dtype(at::kInt));
+  const float* x = a.logits.data_ptr<float>();
+  const int64_t* d = a.draft.data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
   int64_t* n = num_accepted.data_ptr<int64_t>();
   int32_t* s = status.data_ptr<int32_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       s[b] = verify_greedy_row(x + b * K * V, d + b * (K - 1), K - 1, V, o + b * K, n + b);
   });
@@ -46,52 +41,25 @@ std::tuple<Tensor, Tensor> verify_greedy_cpu(const Tensor& target_logits, const 
 std::tuple<Tensor, Tensor> verify_sample_cpu(const Tensor& target_probs, const c10::optional<Tensor>& draft_probs,
                                              const Tensor& draft_tokens, const Tensor& uniforms) {
   const char* op = "verify_sample";
-  check_floating(op, "target_probs", target_probs, 3);
-  const int64_t B = target_probs.size(0), K = target_probs.size(1), V = target_probs.size(2);
-  TORCH_CHECK(K >= 1 && V >= 1, "fastspec.", op, ": target_probs must be [B, γ+1, V] with γ+1 >= 1, V >= 1");
-  check_tokens(op, "draft_tokens", draft_tokens, B, K - 1);
-  check_device(op, "draft_tokens", draft_tokens, target_probs.device());
-  const bool has_q = draft_probs.has_value() && draft_probs->defined();
-  if (has_q) {
-    check_floating(op, "draft_probs", *draft_probs, 3);
-    TORCH_CHECK(draft_probs->size(0) == B && draft_probs->size(1) == K - 1 && draft_probs->size(2) == V, "fastspec.",
-                op, ": draft_probs must have shape [", B, ", ", K - 1, ", ", V, "], got ", draft_probs->sizes());
-    check_device(op, "draft_probs", *draft_probs, target_probs.device());
-  }
-  TORCH_CHECK(uniforms.dim() == 2 && uniforms.size(0) == B && uniforms.size(1) == K, "fastspec.", op,
-              ": uniforms must have shape [", B, ", ", K, "], got ", uniforms.sizes());
-  check_device(op, "uniforms", uniforms, target_probs.device());
-  const double p_tol = sum_tolerance(target_probs.scalar_type());
-  const double q_tol = has_q ? sum_tolerance(draft_probs->scalar_type()) : 0.0;
-  const Tensor p = as_float32(target_probs);
-  const Tensor q = has_q ? as_float32(*draft_probs) : Tensor();
-  const Tensor u = uniforms.to(at::kDouble).contiguous();
-  const Tensor draft = draft_tokens.contiguous();
-  Tensor out = at::empty({B, K}, draft.options());
-  Tensor num_accepted = at::empty({B}, draft.options());
-  Tensor status = at::zeros({B}, at::dtype(at::kInt));
-  const float* pp = p.data_ptr<float>();
-  const float* qp = has_q ? q.data_ptr<float>() : nullptr;
-  const double* up = u.data_ptr<double>();
-  const int64_t* d = draft.data_ptr<int64_t>();
+  const SampleArgs a = prepare_sample(op, target_probs, draft_probs, draft_tokens, uniforms);
+  const int64_t K = a.K, V = a.V;
+  Tensor out = at::empty({a.B, K}, a.draft.options());
+  Tensor num_accepted = at::empty({a.B}, a.draft.options());
+  Tensor status = at::zeros({a.B}, at::dtype(at::kInt));
+  const float* pp = a.p.data_ptr<float>();
+  const float* qp = ptr_or_null<float>(a.q);
+  const double* up = a.u.data_ptr<double>();
+  const int64_t* d = a.draft.data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
   int64_t* n = num_accepted.data_ptr<int64_t>();
   int32_t* s = status.data_ptr<int32_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       s[b] = verify_sample_row(pp + b * K * V, qp ? qp + b * (K - 1) * V : nullptr, d + b * (K - 1), up + b * K,
-                               K - 1, V, p_tol, q_tol, o + b * K, n + b);
+                               K - 1, V, a.p_tol, a.q_tol, o + b * K, n + b);
   });
   raise_on_status(op, status);
   return {out, num_accepted};
-}
-
-// Optional prev_tokens [B,L] -> contiguous int64 (or undefined).
-Tensor prev_or_empty(const char* op, const c10::optional<Tensor>& prev_tokens, int64_t B, const at::Device& device) {
-  if (!prev_tokens.has_value() || !prev_tokens->defined()) return Tensor();
-  check_tokens(op, "prev_tokens", *prev_tokens, B, -1);
-  check_device(op, "prev_tokens", *prev_tokens, device);
-  return prev_tokens->contiguous();
 }
 
 // logits [B,K,V], prev_tokens [B,L] or None, draft_tokens [B,K-1] or None -> [B,K,V] float32
@@ -99,32 +67,21 @@ Tensor process_logits_cpu(const Tensor& logits, const c10::optional<Tensor>& pre
                           const c10::optional<Tensor>& draft_tokens, bool do_sample, double temperature, int64_t top_k,
                           double top_p, double repetition_penalty) {
   const char* op = "process_logits";
-  check_floating(op, "logits", logits, 3);
-  check_processing(op, do_sample, temperature, top_k, top_p, repetition_penalty);
-  const int64_t B = logits.size(0), K = logits.size(1), V = logits.size(2);
-  TORCH_CHECK(V >= 1, "fastspec.", op, ": V must be >= 1");
-  const Tensor prev = prev_or_empty(op, prev_tokens, B, logits.device());
-  Tensor draft;
-  if (draft_tokens.has_value() && draft_tokens->defined()) {
-    check_tokens(op, "draft_tokens", *draft_tokens, B, K - 1);
-    check_device(op, "draft_tokens", *draft_tokens, logits.device());
-    draft = draft_tokens->contiguous();
-  }
-  const Tensor x = as_float32(logits);
-  Tensor out = at::empty({B, K, V}, x.options());
-  Tensor status = at::zeros({B}, at::dtype(at::kInt));
-  const ProcessParams params = make_params(do_sample, temperature, top_k, top_p, repetition_penalty);
-  const float* xp = x.data_ptr<float>();
-  const int64_t L = prev.defined() ? prev.size(1) : 0;
-  const int64_t* pp = prev.defined() ? prev.data_ptr<int64_t>() : nullptr;
-  const int64_t* dp = draft.defined() ? draft.data_ptr<int64_t>() : nullptr;
+  const ProcessArgs a =
+      prepare_process(op, logits, prev_tokens, draft_tokens, do_sample, temperature, top_k, top_p, repetition_penalty);
+  const int64_t K = a.K, V = a.V, L = a.L;
+  Tensor out = at::empty({a.B, K, V}, a.logits.options());
+  Tensor status = at::zeros({a.B}, at::dtype(at::kInt));
+  const float* xp = a.logits.data_ptr<float>();
+  const int64_t* pp = ptr_or_null<int64_t>(a.prev);
+  const int64_t* dp = ptr_or_null<int64_t>(a.draft);
   float* op_out = out.data_ptr<float>();
   int32_t* s = status.data_ptr<int32_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
     VerifyWorkspace& ws = thread_workspace();
     for (int64_t b = begin; b < end; ++b)
       s[b] = process_logits_row(xp + b * K * V, pp ? pp + b * L : nullptr, L, dp ? dp + b * (K - 1) : nullptr, K, V,
-                                params, ws, op_out + b * K * V);
+                                a.params, ws, op_out + b * K * V);
   });
   raise_on_status(op, status);
   return out;
@@ -138,53 +95,25 @@ std::tuple<Tensor, Tensor> fused_verify_cpu(const Tensor& target_logits, const T
                                             const c10::optional<Tensor>& uniforms, bool do_sample, double temperature,
                                             int64_t top_k, double top_p, double repetition_penalty) {
   const char* op = "fused_verify";
-  check_floating(op, "target_logits", target_logits, 3);
-  check_processing(op, do_sample, temperature, top_k, top_p, repetition_penalty);
-  const int64_t B = target_logits.size(0), K = target_logits.size(1), V = target_logits.size(2);
-  TORCH_CHECK(K >= 1 && V >= 1, "fastspec.", op, ": target_logits must be [B, γ+1, V] with γ+1 >= 1, V >= 1");
-  const at::Device device = target_logits.device();
-  check_tokens(op, "draft_tokens", draft_tokens, B, K - 1);
-  check_device(op, "draft_tokens", draft_tokens, device);
-  const bool has_q = draft_probs.has_value() && draft_probs->defined();
-  TORCH_CHECK(!has_q || do_sample, "fastspec.", op, ": draft_probs is only used when do_sample=True");
-  if (has_q) {
-    check_floating(op, "draft_probs", *draft_probs, 3);
-    TORCH_CHECK(draft_probs->size(0) == B && draft_probs->size(1) == K - 1 && draft_probs->size(2) == V, "fastspec.",
-                op, ": draft_probs must have shape [", B, ", ", K - 1, ", ", V, "], got ", draft_probs->sizes());
-    check_device(op, "draft_probs", *draft_probs, device);
-  }
-  const bool has_u = uniforms.has_value() && uniforms->defined();
-  TORCH_CHECK(!do_sample || has_u, "fastspec.", op, ": uniforms [B, γ+1] are required when do_sample=True");
-  Tensor u;
-  if (do_sample) {
-    TORCH_CHECK(uniforms->dim() == 2 && uniforms->size(0) == B && uniforms->size(1) == K, "fastspec.", op,
-                ": uniforms must have shape [", B, ", ", K, "], got ", uniforms->sizes());
-    check_device(op, "uniforms", *uniforms, device);
-    u = uniforms->to(at::kDouble).contiguous();
-  }
-  const Tensor prev = prev_or_empty(op, prev_tokens, B, device);
-  const double q_tol = has_q ? sum_tolerance(draft_probs->scalar_type()) : 0.0;
-  const Tensor x = as_float32(target_logits);
-  const Tensor q = has_q ? as_float32(*draft_probs) : Tensor();
-  const Tensor draft = draft_tokens.contiguous();
-  Tensor out = at::empty({B, K}, draft.options());
-  Tensor num_accepted = at::empty({B}, draft.options());
-  Tensor status = at::zeros({B}, at::dtype(at::kInt));
-  const ProcessParams params = make_params(do_sample, temperature, top_k, top_p, repetition_penalty);
-  const float* xp = x.data_ptr<float>();
-  const float* qp = has_q ? q.data_ptr<float>() : nullptr;
-  const double* up = do_sample ? u.data_ptr<double>() : nullptr;
-  const int64_t L = prev.defined() ? prev.size(1) : 0;
-  const int64_t* pp = prev.defined() ? prev.data_ptr<int64_t>() : nullptr;
-  const int64_t* d = draft.data_ptr<int64_t>();
+  const FusedArgs a = prepare_fused(op, target_logits, draft_tokens, draft_probs, prev_tokens, uniforms, do_sample,
+                                    temperature, top_k, top_p, repetition_penalty);
+  const int64_t K = a.K, V = a.V, L = a.L;
+  Tensor out = at::empty({a.B, K}, a.draft.options());
+  Tensor num_accepted = at::empty({a.B}, a.draft.options());
+  Tensor status = at::zeros({a.B}, at::dtype(at::kInt));
+  const float* xp = a.logits.data_ptr<float>();
+  const float* qp = ptr_or_null<float>(a.q);
+  const double* up = ptr_or_null<double>(a.u);
+  const int64_t* pp = ptr_or_null<int64_t>(a.prev);
+  const int64_t* d = a.draft.data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
   int64_t* n = num_accepted.data_ptr<int64_t>();
   int32_t* s = status.data_ptr<int32_t>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
     VerifyWorkspace& ws = thread_workspace();
     for (int64_t b = begin; b < end; ++b)
       s[b] = fused_verify_row(xp + b * K * V, d + b * (K - 1), qp ? qp + b * (K - 1) * V : nullptr,
-                              pp ? pp + b * L : nullptr, L, up ? up + b * K : nullptr, K - 1, V, params, q_tol, ws,
+                              pp ? pp + b * L : nullptr, L, up ? up + b * K : nullptr, K - 1, V, a.params, a.q_tol, ws,
                               o + b * K, n + b);
   });
   raise_on_status(op, status);

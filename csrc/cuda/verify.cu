@@ -1,0 +1,647 @@
+// CUDA kernels for verification and logits processing (launchers: fastspec/verify_cuda.h).
+// No torch: compiles alone with `nvcc -std=c++17 -Icsrc/include -c csrc/cuda/verify.cu`.
+//
+// One thread block per row; threads stride over V with coalesced loads. Per position:
+//   pass 1  penalty + temperature -> values, block max (+ NaN/+inf flags)
+//   top-k   radix select (4 x 8-bit digits, shared counts) of the k-th largest order key
+//   pass 2  float64 weights exp(x - max) of the kept tokens, block sum
+//   top-p   radix select by mass (4 x 8-bit digits, shared float64 histograms), ties by index
+//   accept  u * q(d) < p(d) (thread 0), and at the end the residual inverse CDF as a chunked
+//           block scan in index order.
+// Maths (Leviathan et al. 2023): accept d_i iff u_i q_i(d_i) < p_i(d_i); at the first rejection
+// draw from norm(max(0, p_i - q_i)); if all γ are accepted draw the bonus from p_γ.
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "fastspec/verify_cuda.h"
+
+namespace fastspec {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kScanItems = 4;  // elements per thread per chunk of the inverse-CDF scan
+
+__device__ __forceinline__ uint32_t order_key(float x) {
+  x = x == 0.0f ? 0.0f : x;  // -0 == +0
+  const uint32_t bits = __float_as_uint(x);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// The float value of an order key (inverse of order_key).
+__device__ __forceinline__ float key_value(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// IEEE round-to-nearest float32 ops, whatever --use_fast_math says: must equal the CPU and HF.
+__device__ __forceinline__ float penalize(float x, float penalty) {
+  return x < 0.0f ? __fmul_rn(x, penalty) : __fdiv_rn(x, penalty);
+}
+
+// --------------------------------------------------------------------------------- block helpers
+struct Shared {
+  double reduce[kWarps];
+  float reduce_f[kWarps];
+  int64_t reduce_i[kWarps];
+  unsigned int counts[256];
+  double mass[256];
+  // broadcast slots
+  double scalar_d;
+  float scalar_f;
+  int64_t scalar_i;
+  uint32_t prefix;
+  int flag;
+};
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ double block_sum(double v, Shared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) sh.reduce[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    double w = lane < kWarps ? sh.reduce[lane] : 0.0;
+    w = warp_sum(w);
+    if (lane == 0) sh.scalar_d = w;
+  }
+  __syncthreads();
+  const double r = sh.scalar_d;
+  __syncthreads();
+  return r;
+}
+
+__device__ float block_max(float v, Shared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (lane == 0) sh.reduce_f[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float w = lane < kWarps ? sh.reduce_f[lane] : -INFINITY;
+    for (int o = 16; o > 0; o >>= 1) w = fmaxf(w, __shfl_xor_sync(0xffffffffu, w, o));
+    if (lane == 0) sh.scalar_f = w;
+  }
+  __syncthreads();
+  const float r = sh.scalar_f;
+  __syncthreads();
+  return r;
+}
+
+// min over the block of an int64 (used for "first index such that ...").
+__device__ int64_t block_min_index(int64_t v, Shared& sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) {
+    const long long other = __shfl_xor_sync(0xffffffffu, (long long)v, o);
+    v = other < v ? other : v;
+  }
+  if (lane == 0) sh.reduce_i[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    long long w = lane < kWarps ? sh.reduce_i[lane] : INT64_MAX;
+    for (int o = 16; o > 0; o >>= 1) {
+      const long long other = __shfl_xor_sync(0xffffffffu, w, o);
+      w = other < w ? other : w;
+    }
+    if (lane == 0) sh.scalar_i = w;
+  }
+  __syncthreads();
+  const int64_t r = sh.scalar_i;
+  __syncthreads();
+  return r;
+}
+
+__device__ int64_t block_max_index(int64_t v, Shared& sh) { return -block_min_index(-v, sh); }
+
+// Exclusive prefix sum over the block (thread order); *total gets the block total.
+__device__ double block_exclusive_scan(double v, Shared& sh, double* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  double inclusive = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const double up = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += up;
+  }
+  if (lane == 31) sh.reduce[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    double w = lane < kWarps ? sh.reduce[lane] : 0.0;
+    double inc = w;
+    for (int o = 1; o < 32; o <<= 1) {
+      const double up = __shfl_up_sync(0xffffffffu, inc, o);
+      if (lane >= o) inc += up;
+    }
+    if (lane < kWarps) sh.reduce[lane] = inc - w;  // exclusive warp offsets
+    if (lane == kWarps - 1) sh.scalar_d = inc;
+  }
+  __syncthreads();
+  const double result = sh.reduce[warp] + inclusive - v;
+  *total = sh.scalar_d;
+  __syncthreads();
+  return result;
+}
+
+// ------------------------------------------------------------------------------- row operations
+__device__ void write_output(const int64_t* draft, int64_t gamma, int64_t accepted, int64_t token, int64_t* out,
+                             int64_t* num_accepted) {
+  if (threadIdx.x == 0) {
+    for (int64_t i = 0; i <= gamma; ++i) out[i] = i < accepted ? draft[i] : (i == accepted ? token : -1);
+    *num_accepted = accepted;
+  }
+}
+
+__device__ void write_failure(int64_t gamma, int32_t bits, int64_t* out, int64_t* num_accepted, int32_t* status) {
+  if (threadIdx.x == 0) {
+    for (int64_t i = 0; i <= gamma; ++i) out[i] = -1;
+    *num_accepted = 0;
+    *status = bits;
+  }
+}
+
+// Thread 0 checks the draft ids; the result is block-uniform.
+__device__ bool drafts_valid(const int64_t* draft, int64_t gamma, int64_t vocab) {
+  int bad = 0;
+  if (threadIdx.x == 0)
+    for (int64_t i = 0; i < gamma; ++i) bad |= draft[i] < 0 || draft[i] >= vocab;
+  return !__syncthreads_or(bad);
+}
+
+// A probability row: finite, >= 0, |Σ − 1| <= tolerance. Returns 0 or bad_bit / sum_bit.
+__device__ int32_t check_prob_row(const float* row, int64_t vocab, double tolerance, int32_t bad_bit,
+                                  int32_t sum_bit, Shared& sh) {
+  double sum = 0.0;
+  int bad = 0;
+  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+    const float x = row[v];
+    bad |= !(x >= 0.0f && x <= FLT_MAX);
+    sum += double(x);
+  }
+  if (__syncthreads_or(bad)) return bad_bit;
+  sum = block_sum(sum, sh);
+  return fabs(sum - 1.0) > tolerance ? sum_bit : 0;
+}
+
+// First index whose running sum (index order) of weight(v) exceeds u * total, with the CPU's
+// fallbacks (last positive weight; -1 when there is no mass).
+template <class Weight>
+__device__ int64_t inverse_cdf(int64_t vocab, double u, const Weight& weight, Shared& sh) {
+  double local = 0.0;
+  int64_t last_positive = -1;
+  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+    const double w = weight(v);
+    local += w;
+    if (w > 0.0) last_positive = v;
+  }
+  const double total = block_sum(local, sh);
+  last_positive = block_max_index(last_positive, sh);
+  if (!(total > 0.0)) return -1;
+  const double target = u * total;
+  double base = 0.0;
+  constexpr int64_t kChunk = int64_t(kThreads) * kScanItems;
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t first = start + int64_t(threadIdx.x) * kScanItems;
+    double items[kScanItems];
+    double mine = 0.0;
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) {
+      items[j] = first + j < vocab ? weight(first + j) : 0.0;
+      mine += items[j];
+    }
+    double chunk_total;
+    double running = base + block_exclusive_scan(mine, sh, &chunk_total);
+    int64_t found = INT64_MAX;
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) {
+      running += items[j];
+      if (found == INT64_MAX && first + j < vocab && running > target) found = first + j;
+    }
+    found = block_min_index(found, sh);
+    if (found != INT64_MAX) return found;
+    base += chunk_total;
+  }
+  return last_positive;
+}
+
+template <class Prob, class DraftProb>
+__device__ int64_t sample_residual(int64_t vocab, double u, const Prob& prob, const DraftProb& draft_prob,
+                                   Shared& sh) {
+  int64_t token = inverse_cdf(
+      vocab, u,
+      [&](int64_t v) {
+        const double r = prob(v) - draft_prob(v);
+        return r > 0.0 ? r : 0.0;
+      },
+      sh);
+  if (token < 0) token = inverse_cdf(vocab, u, prob, sh);
+  return token < 0 ? 0 : token;
+}
+
+// Radix select: the k-th largest order key (counting ties) of keys(v) over [0, vocab).
+template <class Key>
+__device__ uint32_t kth_largest_key(int64_t vocab, int64_t k, const Key& key, Shared& sh) {
+  uint32_t prefix = 0, mask = 0;
+  int64_t remaining = k;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += kThreads) sh.counts[b] = 0;
+    __syncthreads();
+    for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+      const uint32_t kv = key(v);
+      if ((kv & mask) == prefix) atomicAdd(&sh.counts[(kv >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t above = 0;
+      int chosen = 0;
+      for (int b = 255; b >= 0; --b) {
+        if (above + sh.counts[b] >= remaining) {
+          chosen = b;
+          break;
+        }
+        above += sh.counts[b];
+      }
+      sh.scalar_i = remaining - above;
+      sh.prefix = prefix | (uint32_t(chosen) << shift);
+    }
+    __syncthreads();
+    remaining = sh.scalar_i;
+    prefix = sh.prefix;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  return prefix;
+}
+
+// Processes one position for sampling into values/weights; returns status bits (block-uniform)
+// and the normaliser of the kept weights in *norm.
+__device__ int32_t sample_position(const float* logits, const uint8_t* seen, int64_t vocab,
+                                   const ProcessParams& params, float* values, double* weights, Shared& sh,
+                                   double* norm) {
+  float local_max = -INFINITY;
+  int nan = 0, posinf = 0;
+  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+    float x = logits[v];
+    if (seen != nullptr && seen[v]) x = penalize(x, params.repetition_penalty);
+    if (params.temperature != 1.0f) x = __fdiv_rn(x, params.temperature);
+    values[v] = x;
+    nan |= x != x;
+    posinf |= x == INFINITY;
+    local_max = fmaxf(local_max, x);
+  }
+  if (__syncthreads_or(nan)) return kNanLogits;
+  if (__syncthreads_or(posinf)) return kPosInfLogits;
+  const float best = block_max(local_max, sh);
+  if (best == -INFINITY) return kNoFiniteLogits;
+  uint32_t kth_key = 0;
+  if (params.top_k > 0 && params.top_k < vocab)
+    kth_key = kth_largest_key(vocab, params.top_k, [values](int64_t v) { return order_key(values[v]); }, sh);
+  double local = 0.0;
+  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+    const float x = values[v];
+    const double e = order_key(x) >= kth_key ? exp(double(x) - double(best)) : 0.0;
+    weights[v] = e;
+    local += e;
+  }
+  double sum = block_sum(local, sh);
+  if (params.top_p < 1.0) {
+    // Keep a token iff the mass above it in (value, index) order is < top_p * sum.
+    const double target = params.top_p * sum;
+    uint32_t prefix = 0, mask = 0;
+    double above = 0.0;
+    bool found = true;
+    for (int shift = 24; shift >= 0 && found; shift -= 8) {
+      for (int b = threadIdx.x; b < 256; b += kThreads) sh.mass[b] = 0.0;
+      __syncthreads();
+      for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+        const double w = weights[v];
+        const uint32_t kv = order_key(values[v]);
+        if (w > 0.0 && (kv & mask) == prefix) atomicAdd(&sh.mass[(kv >> shift) & 255u], w);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        int chosen = -1;
+        for (int b = 255; b >= 0; --b) {
+          if (sh.mass[b] > 0.0 && above + sh.mass[b] >= target) {
+            chosen = b;
+            break;
+          }
+          above += sh.mass[b];
+        }
+        sh.flag = chosen >= 0;
+        sh.prefix = prefix | (uint32_t(chosen < 0 ? 0 : chosen) << shift);
+        sh.scalar_d = above;
+      }
+      __syncthreads();
+      found = sh.flag;
+      prefix = sh.prefix;
+      above = sh.scalar_d;
+      mask |= 255u << shift;
+      __syncthreads();
+    }
+    if (found) {
+      // The boundary tie group (order key == prefix): all members weigh the same; keep the
+      // highest indices while the mass above stays < target (HF's stable ascending order).
+      double count_local = 0.0;
+      for (int64_t v = threadIdx.x; v < vocab; v += kThreads)
+        count_local += (weights[v] > 0.0 && order_key(values[v]) == prefix) ? 1.0 : 0.0;
+      const int64_t group = int64_t(block_sum(count_local, sh));
+      const double e = exp(double(key_value(prefix)) - double(best));  // bitwise the members' weight
+      if (threadIdx.x == 0) {
+        int64_t kept = group;
+        double running = above;
+        for (int64_t j = 0; j < group; ++j) {
+          if (running + e >= target) {
+            kept = j + 1;
+            break;
+          }
+          running += e;
+        }
+        sh.scalar_i = kept;
+      }
+      __syncthreads();
+      const int64_t kept = sh.scalar_i;
+      __syncthreads();
+      int64_t index_threshold = 0;  // keep members with index >= this
+      if (kept < group) {
+        index_threshold = int64_t(kth_largest_key(
+            vocab, kept,
+            [values, weights, prefix](int64_t v) {
+              return (weights[v] > 0.0 && order_key(values[v]) == prefix) ? uint32_t(v) : 0u;
+            },
+            sh));
+      }
+      local = 0.0;
+      for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+        const uint32_t kv = order_key(values[v]);
+        const bool keep = kv > prefix || (kv == prefix && v >= index_threshold);
+        if (!keep) weights[v] = 0.0;
+        local += weights[v];
+      }
+      sum = block_sum(local, sh);
+    }
+  }
+  *norm = sum;
+  return 0;
+}
+
+// Seen set of a row: prev ids in [0,V) (ids outside ignored).
+__device__ void init_seen(uint8_t* seen, const int64_t* prev, int64_t prev_len, int64_t vocab) {
+  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) seen[v] = 0;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < prev_len; j += kThreads) {
+    const int64_t t = prev[j];
+    if (t >= 0 && t < vocab) seen[t] = 1;
+  }
+  __syncthreads();
+}
+
+// Greedy token of one position: first maximal index of the penalised logits; -1 on NaN.
+__device__ int64_t greedy_position(const float* logits, const uint8_t* seen, float penalty, int64_t vocab,
+                                   Shared& sh) {
+  float local_max = -INFINITY;
+  int64_t local_arg = INT64_MAX;
+  int nan = 0;
+  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+    float x = logits[v];
+    if (seen != nullptr && seen[v]) x = penalize(x, penalty);
+    nan |= x != x;
+    if (local_arg == INT64_MAX || x > local_max) {  // strict: the first index wins ties
+      local_max = x;
+      local_arg = v;
+    }
+  }
+  if (__syncthreads_or(nan)) return -1;
+  const float best = block_max(local_max, sh);
+  const int64_t arg = block_min_index(local_max == best ? local_arg : INT64_MAX, sh);
+  return arg == INT64_MAX ? 0 : arg;
+}
+
+// ------------------------------------------------------------------------------------- kernels
+__global__ void __launch_bounds__(kThreads) verify_greedy_kernel(const float* logits, const int64_t* draft,
+                                                                  int64_t gamma, int64_t vocab, int64_t* out,
+                                                                  int64_t* num_accepted, int32_t* status) {
+  __shared__ Shared sh;
+  const int64_t b = blockIdx.x;
+  const float* x = logits + b * (gamma + 1) * vocab;
+  const int64_t* d = draft + b * gamma;
+  if (!drafts_valid(d, gamma, vocab)) return write_failure(gamma, kBadDraftToken, out + b * (gamma + 1),
+                                                           num_accepted + b, status + b);
+  int64_t i = 0, token = 0;
+  for (;; ++i) {
+    token = greedy_position(x + i * vocab, nullptr, 1.0f, vocab, sh);
+    if (token < 0) return write_failure(gamma, kNanLogits, out + b * (gamma + 1), num_accepted + b, status + b);
+    if (i == gamma || token != d[i]) break;
+  }
+  write_output(d, gamma, i, token, out + b * (gamma + 1), num_accepted + b);
+  if (threadIdx.x == 0) status[b] = 0;
+}
+
+__global__ void __launch_bounds__(kThreads) verify_sample_kernel(const float* p, const float* q,
+                                                                  const int64_t* draft, const double* u,
+                                                                  int64_t gamma, int64_t vocab, double p_tol,
+                                                                  double q_tol, int64_t* out, int64_t* num_accepted,
+                                                                  int32_t* status) {
+  __shared__ Shared sh;
+  const int64_t b = blockIdx.x, K = gamma + 1;
+  const float* pr = p + b * K * vocab;
+  const float* qr = q != nullptr ? q + b * gamma * vocab : nullptr;
+  const int64_t* d = draft + b * gamma;
+  const double* ur = u + b * K;
+  int64_t* o = out + b * K;
+  if (!drafts_valid(d, gamma, vocab)) return write_failure(gamma, kBadDraftToken, o, num_accepted + b, status + b);
+  for (int64_t i = 0; i <= gamma; ++i)
+    if (int32_t s = check_prob_row(pr + i * vocab, vocab, p_tol, kBadTargetProbs, kTargetNotNormalized, sh))
+      return write_failure(gamma, s, o, num_accepted + b, status + b);
+  if (qr != nullptr)
+    for (int64_t i = 0; i < gamma; ++i)
+      if (int32_t s = check_prob_row(qr + i * vocab, vocab, q_tol, kBadDraftProbs, kDraftNotNormalized, sh))
+        return write_failure(gamma, s, o, num_accepted + b, status + b);
+  int64_t accepted = 0;
+  for (; accepted < gamma; ++accepted) {  // every thread reads the same two numbers
+    const int64_t t = d[accepted];
+    const double q_d = qr == nullptr ? 1.0 : double(qr[accepted * vocab + t]);
+    if (!(ur[accepted] * q_d < double(pr[accepted * vocab + t]))) break;
+  }
+  const float* p_row = pr + accepted * vocab;
+  auto prob = [p_row](int64_t v) { return double(p_row[v]); };
+  int64_t token;
+  if (accepted == gamma) {
+    token = sample_residual(vocab, ur[gamma], prob, [](int64_t) { return 0.0; }, sh);
+  } else if (qr == nullptr) {
+    const int64_t t = d[accepted];
+    token = sample_residual(vocab, ur[gamma], prob, [t](int64_t v) { return v == t ? 1.0 : 0.0; }, sh);
+  } else {
+    const float* q_row = qr + accepted * vocab;
+    token = sample_residual(vocab, ur[gamma], prob, [q_row](int64_t v) { return double(q_row[v]); }, sh);
+  }
+  write_output(d, gamma, accepted, token, o, num_accepted + b);
+  if (threadIdx.x == 0) status[b] = 0;
+}
+
+__global__ void __launch_bounds__(kThreads) process_logits_kernel(const float* logits, const int64_t* prev,
+                                                                   int64_t prev_len, const int64_t* draft,
+                                                                   int64_t positions, int64_t vocab,
+                                                                   ProcessParams params, RowScratch scratch,
+                                                                   float* out, int32_t* status) {
+  __shared__ Shared sh;
+  const int64_t b = blockIdx.x;
+  const float* x = logits + b * positions * vocab;
+  const int64_t* d = draft != nullptr ? draft + b * (positions - 1) : nullptr;
+  float* values = scratch.values + b * vocab;
+  double* weights = scratch.weights + b * vocab;
+  uint8_t* seen = params.repetition_penalty != 1.0f ? scratch.seen + b * vocab : nullptr;
+  if (d != nullptr && !drafts_valid(d, positions - 1, vocab)) {
+    if (threadIdx.x == 0) status[b] = kBadDraftToken;
+    return;
+  }
+  if (seen != nullptr) init_seen(seen, prev != nullptr ? prev + b * prev_len : nullptr, prev != nullptr ? prev_len : 0,
+                                 vocab);
+  for (int64_t i = 0; i < positions; ++i) {
+    if (seen != nullptr && i > 0 && d != nullptr) {
+      if (threadIdx.x == 0) seen[d[i - 1]] = 1;
+      __syncthreads();
+    }
+    const float* xi = x + i * vocab;
+    float* oi = out + (b * positions + i) * vocab;
+    if (!params.do_sample) {
+      int nan = 0;
+      for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+        const float y = seen != nullptr && seen[v] ? penalize(xi[v], params.repetition_penalty) : xi[v];
+        nan |= y != y;
+        oi[v] = y;
+      }
+      if (__syncthreads_or(nan)) {
+        if (threadIdx.x == 0) status[b] = kNanLogits;
+        return;
+      }
+      continue;
+    }
+    double norm = 0.0;
+    if (int32_t s = sample_position(xi, seen, vocab, params, values, weights, sh, &norm)) {
+      if (threadIdx.x == 0) status[b] = s;
+      return;
+    }
+    for (int64_t v = threadIdx.x; v < vocab; v += kThreads) oi[v] = float(weights[v] / norm);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) status[b] = 0;
+}
+
+__global__ void __launch_bounds__(kThreads) fused_verify_kernel(const float* logits, const int64_t* draft,
+                                                                 const float* q, const int64_t* prev,
+                                                                 int64_t prev_len, const double* u, int64_t gamma,
+                                                                 int64_t vocab, ProcessParams params,
+                                                                 double q_tol, RowScratch scratch, int64_t* out,
+                                                                 int64_t* num_accepted, int32_t* status) {
+  __shared__ Shared sh;
+  const int64_t b = blockIdx.x, K = gamma + 1;
+  const float* x = logits + b * K * vocab;
+  const int64_t* d = draft + b * gamma;
+  const float* qr = q != nullptr ? q + b * gamma * vocab : nullptr;
+  int64_t* o = out + b * K;
+  uint8_t* seen = params.repetition_penalty != 1.0f ? scratch.seen + b * vocab : nullptr;
+  if (!drafts_valid(d, gamma, vocab)) return write_failure(gamma, kBadDraftToken, o, num_accepted + b, status + b);
+  if (seen != nullptr) init_seen(seen, prev != nullptr ? prev + b * prev_len : nullptr, prev != nullptr ? prev_len : 0,
+                                 vocab);
+  if (!params.do_sample) {
+    int64_t i = 0, token = 0;
+    for (;; ++i) {
+      if (seen != nullptr && i > 0) {
+        if (threadIdx.x == 0) seen[d[i - 1]] = 1;
+        __syncthreads();
+      }
+      token = greedy_position(x + i * vocab, seen, params.repetition_penalty, vocab, sh);
+      if (token < 0) return write_failure(gamma, kNanLogits, o, num_accepted + b, status + b);
+      if (i == gamma || token != d[i]) break;
+    }
+    write_output(d, gamma, i, token, o, num_accepted + b);
+    if (threadIdx.x == 0) status[b] = 0;
+    return;
+  }
+  float* values = scratch.values + b * vocab;
+  double* weights = scratch.weights + b * vocab;
+  const double* ur = u + b * K;
+  int64_t accepted = 0;
+  double norm = 0.0;
+  for (;; ++accepted) {
+    if (seen != nullptr && accepted > 0) {
+      if (threadIdx.x == 0) seen[d[accepted - 1]] = 1;
+      __syncthreads();
+    }
+    if (int32_t s = sample_position(x + accepted * vocab, seen, vocab, params, values, weights, sh, &norm))
+      return write_failure(gamma, s, o, num_accepted + b, status + b);
+    if (accepted == gamma) break;
+    const int64_t t = d[accepted];
+    const double p_d = weights[t] / norm;  // written by this block before the last barrier
+    double q_d = 1.0;
+    if (qr != nullptr) {
+      const float qv = qr[accepted * vocab + t];
+      if (!(qv >= 0.0f && qv <= FLT_MAX)) return write_failure(gamma, kBadDraftProbs, o, num_accepted + b, status + b);
+      q_d = qv;
+    }
+    if (!(ur[accepted] * q_d < p_d)) break;
+  }
+  auto prob = [weights, norm](int64_t v) { return weights[v] / norm; };
+  int64_t token;
+  if (accepted == gamma) {
+    token = sample_residual(vocab, ur[gamma], prob, [](int64_t) { return 0.0; }, sh);
+  } else if (qr == nullptr) {
+    const int64_t t = d[accepted];
+    token = sample_residual(vocab, ur[gamma], prob, [t](int64_t v) { return v == t ? 1.0 : 0.0; }, sh);
+  } else {
+    const float* q_row = qr + accepted * vocab;
+    if (int32_t s = check_prob_row(q_row, vocab, q_tol, kBadDraftProbs, kDraftNotNormalized, sh))
+      return write_failure(gamma, s, o, num_accepted + b, status + b);
+    token = sample_residual(vocab, ur[gamma], prob, [q_row](int64_t v) { return double(q_row[v]); }, sh);
+  }
+  write_output(d, gamma, accepted, token, o, num_accepted + b);
+  if (threadIdx.x == 0) status[b] = 0;
+}
+
+}  // namespace
+
+cudaError_t launch_verify_greedy(const float* logits, const int64_t* draft, int64_t batch, int64_t gamma,
+                                 int64_t vocab, int64_t* out, int64_t* num_accepted, int32_t* status,
+                                 cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  verify_greedy_kernel<<<unsigned(batch), kThreads, 0, stream>>>(logits, draft, gamma, vocab, out, num_accepted,
+                                                                 status);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_verify_sample(const float* p, const float* q, const int64_t* draft, const double* u,
+                                 int64_t batch, int64_t gamma, int64_t vocab, double p_sum_tolerance,
+                                 double q_sum_tolerance, int64_t* out, int64_t* num_accepted, int32_t* status,
+                                 cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  verify_sample_kernel<<<unsigned(batch), kThreads, 0, stream>>>(p, q, draft, u, gamma, vocab, p_sum_tolerance,
+                                                                 q_sum_tolerance, out, num_accepted, status);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_process_logits(const float* logits, const int64_t* prev, int64_t prev_len, const int64_t* draft,
+                                  int64_t batch, int64_t positions, int64_t vocab, ProcessParams params,
+                                  RowScratch scratch, float* out, int32_t* status, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  process_logits_kernel<<<unsigned(batch), kThreads, 0, stream>>>(logits, prev, prev_len, draft, positions, vocab,
+                                                                  params, scratch, out, status);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_fused_verify(const float* logits, const int64_t* draft, const float* q, const int64_t* prev,
+                                int64_t prev_len, const double* u, int64_t batch, int64_t gamma, int64_t vocab,
+                                ProcessParams params, double q_sum_tolerance, RowScratch scratch, int64_t* out,
+                                int64_t* num_accepted, int32_t* status, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  fused_verify_kernel<<<unsigned(batch), kThreads, 0, stream>>>(logits, draft, q, prev, prev_len, u, gamma, vocab,
+                                                                params, q_sum_tolerance, scratch, out, num_accepted,
+                                                                status);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace fastspec

@@ -1,0 +1,50 @@
+// CUDA launchers for verification and logits processing (kernels in csrc/cuda/verify.cu).
+// Framework-agnostic: raw device pointers, no torch. Semantics, shapes and status bits are those
+// of the CPU core in fastspec/verify.h; one thread block per row, the whole step on the stream
+// (no host synchronisation inside).
+//
+// Float64 sums are block reductions here, so token choices equal the CPU's except where a
+// uniform falls within float64 rounding (~1e-16) of a decision boundary.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fastspec/verify.h"
+
+namespace fastspec {
+namespace cuda {
+
+// Scratch for the row kernels, each [B, V] in device memory.
+struct RowScratch {
+  float* values = nullptr;    // processed logits
+  double* weights = nullptr;  // exp(x - max) of the kept tokens
+  uint8_t* seen = nullptr;    // repetition-penalty membership (only used when the penalty != 1)
+};
+
+// logits [B,γ+1,V] float32, draft [B,γ] -> out [B,γ+1], num_accepted [B], status [B]
+cudaError_t launch_verify_greedy(const float* logits, const int64_t* draft, int64_t batch, int64_t gamma,
+                                 int64_t vocab, int64_t* out, int64_t* num_accepted, int32_t* status,
+                                 cudaStream_t stream);
+
+// p [B,γ+1,V], q [B,γ,V] or nullptr, draft [B,γ], u [B,γ+1] -> out, num_accepted, status
+cudaError_t launch_verify_sample(const float* p, const float* q, const int64_t* draft, const double* u,
+                                 int64_t batch, int64_t gamma, int64_t vocab, double p_sum_tolerance,
+                                 double q_sum_tolerance, int64_t* out, int64_t* num_accepted, int32_t* status,
+                                 cudaStream_t stream);
+
+// logits [B,K,V], prev [B,L] or nullptr, draft [B,K-1] or nullptr -> out [B,K,V], status [B]
+cudaError_t launch_process_logits(const float* logits, const int64_t* prev, int64_t prev_len, const int64_t* draft,
+                                  int64_t batch, int64_t positions, int64_t vocab, ProcessParams params,
+                                  RowScratch scratch, float* out, int32_t* status, cudaStream_t stream);
+
+// logits [B,γ+1,V], draft [B,γ], q [B,γ,V] or nullptr, prev [B,L] or nullptr, u [B,γ+1] or nullptr
+// (greedy) -> out [B,γ+1], num_accepted [B], status [B]
+cudaError_t launch_fused_verify(const float* logits, const int64_t* draft, const float* q, const int64_t* prev,
+                                int64_t prev_len, const double* u, int64_t batch, int64_t gamma, int64_t vocab,
+                                ProcessParams params, double q_sum_tolerance, RowScratch scratch, int64_t* out,
+                                int64_t* num_accepted, int32_t* status, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastspec
