@@ -454,23 +454,13 @@ void NgramTable::draft(const int64_t* context, int64_t batch, int64_t length, co
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t* row = context + b * length;
     uint32_t hist[ngram::kMaxOrder];  // most recent first, at most n-1 tokens
-    int count = 0;
-    const int64_t end = lengths != nullptr ? lengths[b] : length;
-    for (int64_t i = end - 1; i >= 0 && count < max_ctx; --i) {
-      if (row[i] < 0) break;  // left padding
-      hist[count++] = static_cast<uint32_t>(row[i]);
-    }
+    int count = ngram::load_history(row, lengths != nullptr ? lengths[b] : length, max_ctx, hist);
     for (int64_t j = 0; j < gamma; ++j) {
       const uint32_t ctx = t.longest(hist, count);
       const uint32_t token = t.contexts[ctx].best_token;
       out_tokens[b * gamma + j] = token;
       if (out_probs != nullptr) t.fill_probs(ctx, out_probs + (b * gamma + j) * t.vocab);
-      if (max_ctx > 0) {  // the drafted token extends the context
-        const int keep = std::min(count, max_ctx - 1);
-        for (int k = keep; k > 0; --k) hist[k] = hist[k - 1];
-        hist[0] = token;
-        count = keep + 1;
-      }
+      count = ngram::push_history(hist, count, max_ctx, token);  // the token extends the context
     }
   }
 }

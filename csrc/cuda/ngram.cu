@@ -23,40 +23,13 @@ using ngram::FlatView;
 constexpr int kRowsPerBlock = 128;
 constexpr int kProbThreads = 256;
 
-// The last <= max_ctx real tokens of a row, most recent first (stops at -1 padding).
-__device__ __forceinline__ int load_history(const int64_t* row, int64_t end, int max_ctx, uint32_t* hist) {
-  int count = 0;
-  for (int64_t i = end - 1; i >= 0 && count < max_ctx; --i) {
-    const int64_t v = row[i];
-    if (v < 0) break;
-    hist[count++] = static_cast<uint32_t>(v);
-  }
-  return count;
-}
-
-// The drafted token extends the context: shift in front, keep at most max_ctx.
-__device__ __forceinline__ int push_history(uint32_t* hist, int count, int max_ctx, uint32_t token) {
-  if (max_ctx == 0) return 0;
-  const int keep = count < max_ctx - 1 ? count : max_ctx - 1;
-  for (int k = keep; k > 0; --k) hist[k] = hist[k - 1];
-  hist[0] = token;
-  return keep + 1;
-}
-
 __global__ void draft_tokens_kernel(FlatView table, const int64_t* __restrict__ context, int64_t batch,
                                     int64_t length, const int64_t* __restrict__ lengths, int64_t gamma,
                                     int64_t* __restrict__ out_tokens) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
-  const int max_ctx = table.order - 1;
-  uint32_t hist[ngram::kMaxOrder];
-  int count = load_history(context + b * length, lengths != nullptr ? lengths[b] : length, max_ctx, hist);
-  for (int64_t j = 0; j < gamma; ++j) {
-    const uint32_t ctx = ngram::longest_seen_context(table, hist, count);
-    const uint32_t token = table.ctx_best[ctx];
-    out_tokens[b * gamma + j] = token;
-    count = push_history(hist, count, max_ctx, token);
-  }
+  ngram::draft_row(table, context + b * length, lengths != nullptr ? lengths[b] : length, gamma,
+                   out_tokens + b * gamma);
 }
 
 // row[0, n) = value, block-strided, with 16-byte stores for the aligned middle part.
@@ -82,21 +55,20 @@ __global__ void draft_probs_kernel(FlatView table, const int64_t* __restrict__ c
   uint32_t hist[ngram::kMaxOrder];  // used by thread 0 only
   int count = 0;
   if (threadIdx.x == 0)
-    count = load_history(context + b * length, lengths != nullptr ? lengths[b] : length, max_ctx, hist);
+    count = ngram::load_history(context + b * length, lengths != nullptr ? lengths[b] : length, max_ctx, hist);
   for (int64_t j = 0; j < gamma; ++j) {
     if (threadIdx.x == 0) {
       const uint32_t ctx = ngram::longest_seen_context(table, hist, count);
       const uint32_t token = table.ctx_best[ctx];
       out_tokens[b * gamma + j] = token;
-      count = push_history(hist, count, max_ctx, token);
+      count = ngram::push_history(hist, count, max_ctx, token);
       shared_ctx = ctx;
     }
     __syncthreads();
     const uint32_t ctx = shared_ctx;
     const uint32_t total = table.ctx_total[ctx];
     float* row = out_probs + (b * gamma + j) * V;
-    fill_row(row, V, total == 0 ? ngram::uniform_prob(V)
-                                : ngram::smoothed_prob(0, total, table.smoothing, table.smoothing_times_vocab));
+    fill_row(row, V, ngram::floor_prob(table, ctx));
     __syncthreads();  // the floor is written before the seen continuations overwrite it
     if (total != 0) {
       const uint32_t begin = table.cont_offsets[ctx], end = table.cont_offsets[ctx + 1];

@@ -348,3 +348,54 @@ TEST(NgramTable, CorruptFilesThrowAndNeverCrash) {
   }
   SUCCEED() << loaded << " mutated-but-consistent files loaded";
 }
+
+// Serial host emulation of the CUDA kernels (csrc/cuda/ngram.cu) over the flat format:
+// the tokens kernel is ngram::draft_row per row; the probs kernel writes floor_prob and
+// scatters the context's CSR continuations. Checks the upload format and the shared
+// device code against the table; only the block-parallel writes are GPU-only.
+TEST(NgramFlat, HostEmulationOfCudaKernelsMatchesTable) {
+  std::mt19937 rng(13);
+  for (int n : {1, 2, 3, 5, 16}) {
+    for (double s : {0.0, 1.0}) {
+      const int64_t V = 37;
+      NgramTable t(n, V, s);
+      fit(t, random_corpus(rng, V, 50, 60, true));
+      const fastspec::NgramFlat flat = t.build_flat();
+      const auto view = flat.view();
+      const int64_t B = 6, L = 9, gamma = 7;
+      std::vector<int64_t> ctx(B * L, -1);
+      for (int64_t b = 0; b < B; ++b) {
+        const auto row = random_corpus(rng, V, 1, L, false)[0];
+        std::copy(row.begin(), row.end(), ctx.begin() + (b + 1) * L - row.size());
+      }
+      std::vector<int64_t> want_tokens(B * gamma), got_tokens(B * gamma);
+      std::vector<float> want_probs(B * gamma * V), got_probs(B * gamma * V);
+      t.draft(ctx.data(), B, L, nullptr, gamma, want_tokens.data(), want_probs.data());
+      for (int64_t b = 0; b < B; ++b) {
+        fastspec::ngram::draft_row(view, ctx.data() + b * L, L, gamma, got_tokens.data() + b * gamma);
+        uint32_t hist[fastspec::ngram::kMaxOrder];
+        int count = fastspec::ngram::load_history(ctx.data() + b * L, L, n - 1, hist);
+        for (int64_t j = 0; j < gamma; ++j) {
+          const uint32_t c = fastspec::ngram::longest_seen_context(view, hist, count);
+          float* row = got_probs.data() + (b * gamma + j) * V;
+          std::fill(row, row + V, fastspec::ngram::floor_prob(view, c));
+          if (view.ctx_total[c] != 0) {
+            for (uint32_t e = view.cont_offsets[c]; e < view.cont_offsets[c + 1]; ++e)
+              row[view.cont_tokens[e]] = fastspec::ngram::smoothed_prob(view.cont_counts[e], view.ctx_total[c],
+                                                                        view.smoothing, view.smoothing_times_vocab);
+          }
+          count = fastspec::ngram::push_history(hist, count, n - 1, view.ctx_best[c]);
+        }
+      }
+      EXPECT_EQ(got_tokens, want_tokens) << "n=" << n;
+      EXPECT_EQ(got_probs, want_probs) << "n=" << n;
+    }
+  }
+  // An empty table uploads too: uniform, token 0.
+  NgramTable empty(3, 5);
+  const auto flat = empty.build_flat();
+  std::vector<int64_t> row{1, 2}, out(2);
+  fastspec::ngram::draft_row(flat.view(), row.data(), 2, 2, out.data());
+  EXPECT_EQ(out, (std::vector<int64_t>{0, 0}));
+  EXPECT_EQ(fastspec::ngram::floor_prob(flat.view(), 0), 0.2f);
+}

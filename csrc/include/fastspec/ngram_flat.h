@@ -103,5 +103,45 @@ FASTSPEC_HD uint32_t longest_seen_context(const FlatView& t, const uint32_t* rec
   return ctx;
 }
 
+// Drafting state of one row: its last <= n-1 tokens, most recent first.
+// load_history reads row[0, end) backwards and stops at -1 left padding.
+FASTSPEC_HD int load_history(const int64_t* row, int64_t end, int max_context, uint32_t* recent_first) {
+  int count = 0;
+  for (int64_t i = end - 1; i >= 0 && count < max_context; --i) {
+    const int64_t v = row[i];
+    if (v < 0) break;
+    recent_first[count++] = static_cast<uint32_t>(v);
+  }
+  return count;
+}
+
+// The drafted token extends the context: shift it in front, keep at most max_context.
+FASTSPEC_HD int push_history(uint32_t* recent_first, int count, int max_context, uint32_t token) {
+  if (max_context == 0) return 0;
+  const int keep = count < max_context - 1 ? count : max_context - 1;
+  for (int k = keep; k > 0; --k) recent_first[k] = recent_first[k - 1];
+  recent_first[0] = token;
+  return keep + 1;
+}
+
+// The probability of every token never seen after `ctx` (the smoothed floor).
+FASTSPEC_HD float floor_prob(const FlatView& t, uint32_t ctx) {
+  const uint32_t total = t.ctx_total[ctx];
+  return total == 0 ? uniform_prob(t.vocab_size) : smoothed_prob(0, total, t.smoothing, t.smoothing_times_vocab);
+}
+
+// Greedy drafting of one row over the flat table (what each thread of the CUDA
+// tokens kernel runs); writes out[0, gamma).
+FASTSPEC_HD void draft_row(const FlatView& t, const int64_t* row, int64_t end, int64_t gamma, int64_t* out) {
+  const int max_context = t.order - 1;
+  uint32_t hist[kMaxOrder];
+  int count = load_history(row, end, max_context, hist);
+  for (int64_t j = 0; j < gamma; ++j) {
+    const uint32_t token = t.ctx_best[longest_seen_context(t, hist, count)];
+    out[j] = token;
+    count = push_history(hist, count, max_context, token);
+  }
+}
+
 }  // namespace ngram
 }  // namespace fastspec
