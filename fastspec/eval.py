@@ -415,7 +415,7 @@ def main(args) -> int:
     """Run ``fastspec eval``; returns the exit status (1 when greedy outputs differ from AR)."""
     from fastspec import report
     from fastspec.data import load_examples
-    from fastspec.drafters.io import load_drafter
+    from fastspec.cli import _load_drafter_folder
 
     if args.gamma < 1:
         raise ValueError(f"--gamma must be >= 1, got {args.gamma}")
@@ -427,7 +427,7 @@ def main(args) -> int:
     target, tokenizer = load_target_and_tokenizer(args.target, args.device)
     decoders = []
     for label, path in checkpoints:
-        drafter = load_drafter(path)
+        drafter = _load_drafter_folder(path, target)  # checks the vocabulary against the target
         if hasattr(drafter, "to"):
             drafter = drafter.to(args.device) or drafter
         decoders.append(Decoder(label, drafter, args.gamma, describe_checkpoint(path)))

@@ -146,3 +146,71 @@ def test_parse_checkpoints_errors(tmp_path):
         fseval.parse_checkpoints([str(tmp_path / "missing")])
     with pytest.raises(ValueError, match="unique"):
         fseval.parse_checkpoints([str(tmp_path / "lstm_kd"), str(tmp_path / "lstm_kd")])
+
+
+def save_tiny_target(folder):
+    """A tiny random Llama with SmolLM2's real tokenizer (vocab 49152), saved like a user's local model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastspec.targets import load_smollm2
+
+    _, tokenizer = load_smollm2()
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_eval_cli_baseline_vs_distilled(tmp_path):
+    """`fastspec eval --ckpt_path BASE KD --builtin prompt_lookup` on a tiny local target:
+    one row per drafter with its training, ROUGE equal to AR's (greedy), JSON + Markdown + plots."""
+    from fastspec.cli import main as cli_main
+    from fastspec.data import encode_references, load_examples
+    from fastspec.distill.trainer import stamp_training
+    from fastspec.drafters import NgramDrafter
+    from fastspec.eval import encode_prompts, load_target_and_tokenizer
+
+    target_dir = save_tiny_target(tmp_path / "target")
+    target, tokenizer = load_target_and_tokenizer(target_dir)
+    examples = load_examples("aclsum", split="train", limit=6)
+    base = NgramDrafter.create(3, 49152).fit(encode_references(tokenizer, [e.reference for e in examples], max_target_length=64))
+    base.save(str(tmp_path / "ngram_base"))
+    stamp_training(str(tmp_path / "ngram_base"), {"drafter": "ngram", "loss": 1.0, "kd_loss": 0.0, "distill_method": None})
+    prompts = encode_prompts(tokenizer, target, [e.source for e in examples], 256)
+    outputs = fseval.decode_all(target, [fseval.Decoder("ar")], prompts, max_new_tokens=8, progress=False)["ar"].outputs
+    kd = NgramDrafter.create(3, 49152).fit(outputs)
+    kd.save(str(tmp_path / "ngram_kd"))
+    stamp_training(str(tmp_path / "ngram_kd"), {"drafter": "ngram", "loss": 0.0, "kd_loss": 1.0, "distill_method": "seq_kd"})
+
+    out = tmp_path / "eval"
+    status = cli_main(["eval", "--ckpt_path", f"base={tmp_path / 'ngram_base'}", f"kd={tmp_path / 'ngram_kd'}",
+                       "--builtin", "prompt_lookup", "--target", target_dir, "--split", "train", "--num_samples", "3",
+                       "--max_new_tokens", "8", "--max_source_length", "256", "--out", str(out), "--no_progress"])
+    assert status == 0
+    data = json.load(open(out / "results.json"))
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == [fseval.AR_NAME, "base", "kd", "prompt_lookup"]
+    assert rows["base"]["training"] == "baseline" and rows["kd"]["training"] == "distilled (seq_kd)"
+    assert rows["base"]["kind"] == "ngram"
+    for name in ("base", "kd", "prompt_lookup"):
+        assert rows[name]["identical"] is True
+        for key in ("rouge1", "rouge2", "rougeL"):
+            assert rows[name][key] == rows[fseval.AR_NAME][key]  # same outputs, same ROUGE
+    # the n-gram fitted on the target's own outputs (the training prompts) predicts them better
+    assert rows["kd"]["acceptance_rate"] > rows["base"]["acceptance_rate"]
+    md = (out / "report.md").read_text()
+    assert "ROUGE-1" in md and "distilled (seq_kd)" in md
+    assert (out / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_cli_user_errors(tmp_path, capsys):
+    from fastspec.cli import main as cli_main
+
+    assert cli_main(["eval", "--ckpt_path", str(tmp_path / "nope"), "--target", "smollm2"]) == 2
+    assert "no such drafter folder" in capsys.readouterr().err
+    assert cli_main(["eval", "--target", "smollm2"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
