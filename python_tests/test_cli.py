@@ -197,3 +197,31 @@ def test_demo_and_eval_are_wired(capsys):
     parser = build_parser()
     help_text = parser._subparsers._group_actions[0].choices["eval"].format_help()
     assert "--ckpt_path" in help_text and "--device" in help_text
+
+
+def test_bench_prints_interleaved_table(target_dir, capsys):
+    status, out, err = _run_cli(["bench", "--target", target_dir, "--num_samples", "2", "--max_new_tokens", "4",
+                                 "--repeats", "1", "--no_progress", "--max_source_length", "64"], capsys)
+    assert status == 0, err
+    assert "2 prompts × 1 repeats" in out and "prompt_lookup" in out and "autoregressive" in out
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_training_two_gloo_ranks(target_dir, tmp_path):
+    pseudo = tmp_path / "pseudo"
+    subprocess.run([sys.executable, "-m", "fastspec.cli"] + PSEUDO + ["--target", target_dir, "--num_samples", "8",
+                   "--out", str(pseudo)], env=_env(), cwd=REPO, check=True, capture_output=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", "-m",
+         "fastspec.cli", "train", "--drafter", "lstm", "--exp_name", "ddp", "--target", target_dir, "--output_root",
+         str(tmp_path / "runs"), "--pseudo_dataset_path", str(pseudo), "--loss", "0", "--kd_loss", "1",
+         "--batch_size", "4", "--max_steps", "3", "--eval_samples", "0", "--no_progress",
+         "--drafter_config", '{"dim": 16, "hidden_size": 16}'],
+        env=_env(), cwd=REPO, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = [json.loads(l) for l in open(tmp_path / "runs" / "ddp" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["kd"] > 0 for r in log)
+    from fastspec.drafters.io import load_drafter
+
+    assert load_drafter(str(tmp_path / "runs" / "ddp" / "drafter")).vocab_size == 32128

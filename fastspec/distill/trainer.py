@@ -180,6 +180,8 @@ class Trainer:
         if self.info.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            if config.drafter == "layerskip":
+                raise TrainingError("--drafter layerskip is not supported under torchrun (its forward is the target's)")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.module = DistributedDataParallel(self.student.module, device_ids=ids)
         self.optimizer = make_optimizer(self.student.module.parameters(), config)
