@@ -349,9 +349,9 @@ TEST(NgramTable, CorruptFilesThrowAndNeverCrash) {
   SUCCEED() << loaded << " mutated-but-consistent files loaded";
 }
 
-// Serial host emulation of the CUDA kernels (csrc/cuda/ngram.cu) over the flat format:
-// the tokens kernel is ngram::draft_row per row; the probs kernel writes floor_prob and
-// scatters the context's CSR continuations. Checks the upload format and the shared
+// Host emulation of the CUDA kernels (csrc/cuda/ngram.cu) over the flat format: the
+// tokens kernel is ngram::draft_row per row; each probability block rebuilds its step's
+// history, writes floor_prob over its chunk and scatters the continuations in it. Checks the upload format and the shared
 // device code against the table; only the block-parallel writes are GPU-only.
 TEST(NgramFlat, HostEmulationOfCudaKernelsMatchesTable) {
   std::mt19937 rng(13);
@@ -371,21 +371,27 @@ TEST(NgramFlat, HostEmulationOfCudaKernelsMatchesTable) {
       std::vector<int64_t> want_tokens(B * gamma), got_tokens(B * gamma);
       std::vector<float> want_probs(B * gamma * V), got_probs(B * gamma * V);
       t.draft(ctx.data(), B, L, nullptr, gamma, want_tokens.data(), want_probs.data());
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = 0; b < B; ++b)
         fastspec::ngram::draft_row(view, ctx.data() + b * L, L, gamma, got_tokens.data() + b * gamma);
+      // The probability kernel: every (row, step, chunk) independently, in reverse order
+      // to make sure no block depends on another; chunk 8 so chunks cut continuation lists.
+      const int64_t chunk = 8, num_chunks = (V + chunk - 1) / chunk;
+      for (int64_t block = B * gamma * num_chunks - 1; block >= 0; --block) {
+        const int64_t row_step = block / num_chunks, lo = (block % num_chunks) * chunk;
+        const int64_t hi = std::min(V, lo + chunk), b = row_step / gamma, j = row_step % gamma;
         uint32_t hist[fastspec::ngram::kMaxOrder];
-        int count = fastspec::ngram::load_history(ctx.data() + b * L, L, n - 1, hist);
-        for (int64_t j = 0; j < gamma; ++j) {
-          const uint32_t c = fastspec::ngram::longest_seen_context(view, hist, count);
-          float* row = got_probs.data() + (b * gamma + j) * V;
-          std::fill(row, row + V, fastspec::ngram::floor_prob(view, c));
-          if (view.ctx_total[c] != 0) {
-            for (uint32_t e = view.cont_offsets[c]; e < view.cont_offsets[c + 1]; ++e)
-              row[view.cont_tokens[e]] = fastspec::ngram::smoothed_prob(view.cont_counts[e], view.ctx_total[c],
-                                                                        view.smoothing, view.smoothing_times_vocab);
-          }
-          count = fastspec::ngram::push_history(hist, count, n - 1, view.ctx_best[c]);
-        }
+        const int count = fastspec::ngram::history_at_step(ctx.data() + b * L, L, got_tokens.data() + b * gamma, j,
+                                                           n - 1, hist);
+        const uint32_t c = fastspec::ngram::longest_seen_context(view, hist, count);
+        const uint32_t first = fastspec::ngram::lower_bound_token(view.cont_tokens, view.cont_offsets[c],
+                                                                  view.cont_offsets[c + 1], lo);
+        const uint32_t last = fastspec::ngram::lower_bound_token(view.cont_tokens, view.cont_offsets[c],
+                                                                 view.cont_offsets[c + 1], hi);
+        float* row = got_probs.data() + row_step * V;
+        std::fill(row + lo, row + hi, fastspec::ngram::floor_prob(view, c));
+        for (uint32_t e = first; e < last; ++e)
+          row[view.cont_tokens[e]] = fastspec::ngram::smoothed_prob(view.cont_counts[e], view.ctx_total[c],
+                                                                    view.smoothing, view.smoothing_times_vocab);
       }
       EXPECT_EQ(got_tokens, want_tokens) << "n=" << n;
       EXPECT_EQ(got_probs, want_probs) << "n=" << n;

@@ -130,6 +130,34 @@ FASTSPEC_HD float floor_prob(const FlatView& t, uint32_t ctx) {
   return total == 0 ? uniform_prob(t.vocab_size) : smoothed_prob(0, total, t.smoothing, t.smoothing_times_vocab);
 }
 
+// The history before drafting step `step` of a row, rebuilt from the row and the
+// tokens drafted so far (drafted[0, step)): equal to load_history followed by `step`
+// push_history calls. Lets every (row, step) of the probability kernel run in parallel.
+FASTSPEC_HD int history_at_step(const int64_t* row, int64_t end, const int64_t* drafted, int64_t step,
+                                int max_context, uint32_t* recent_first) {
+  int count = 0;
+  for (int64_t k = step - 1; k >= 0 && count < max_context; --k)
+    recent_first[count++] = static_cast<uint32_t>(drafted[k]);
+  for (int64_t i = end - 1; i >= 0 && count < max_context; --i) {
+    const int64_t v = row[i];
+    if (v < 0) break;
+    recent_first[count++] = static_cast<uint32_t>(v);
+  }
+  return count;
+}
+
+// First index in the ascending tokens[begin, end) whose token is >= value.
+FASTSPEC_HD uint32_t lower_bound_token(const uint32_t* tokens, uint32_t begin, uint32_t end, uint64_t value) {
+  while (begin < end) {
+    const uint32_t mid = begin + (end - begin) / 2;
+    if (tokens[mid] < value)
+      begin = mid + 1;
+    else
+      end = mid;
+  }
+  return begin;
+}
+
 // Greedy drafting of one row over the flat table (what each thread of the CUDA
 // tokens kernel runs); writes out[0, gamma).
 FASTSPEC_HD void draft_row(const FlatView& t, const int64_t* row, int64_t end, int64_t gamma, int64_t* out) {
