@@ -282,7 +282,7 @@ def merge_shards(out_dir: str) -> str:
     by_index: Dict[int, str] = {}
     for rank in range(world_size):
         shard_path, cursor_path = shard_paths(out_dir, rank, world_size)
-        cursor = _read_cursor(cursor_path, shard_path)
+        _read_cursor(cursor_path, shard_path)  # drops lines of an unacknowledged batch
         with open(shard_path, encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, 1):
                 try:
@@ -292,7 +292,6 @@ def merge_shards(out_dir: str) -> str:
                 if index in by_index:
                     raise PseudoDatasetError(f"{shard_path}:{line_no}: duplicate record {index}")
                 by_index[index] = line
-        del cursor
     missing = [i for i in range(num_records) if i not in by_index]
     if missing:
         raise PseudoDatasetError(f"{out_dir}: {len(missing)} records missing (first: {missing[:5]}); rerun to finish")
@@ -311,9 +310,11 @@ def load_pseudo_dataset(path: str) -> List[dict]:
         for line_no, line in enumerate(handle, 1):
             try:
                 record = json.loads(line)
-                record["output_ids"], record["source_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise PseudoDatasetError(f"{file}:{line_no}: corrupt pseudo-dataset record") from None
+                valid = isinstance(record, dict) and isinstance(record.get("output_ids"), list) and isinstance(record.get("source_ids"), list)
+            except json.JSONDecodeError:
+                valid = False
+            if not valid:
+                raise PseudoDatasetError(f"{file}:{line_no}: corrupt pseudo-dataset record (need JSON with source_ids and output_ids)")
             records.append(record)
     return records
 
