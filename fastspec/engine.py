@@ -213,6 +213,9 @@ class _Settings:
     eos: list
     pad_token_id: int
     num_return_sequences: int
+    num_beams: int
+    length_penalty: float
+    early_stopping: object
     seed: Optional[int]
     gamma: int
     dynamic_gamma: bool
@@ -243,8 +246,16 @@ def _validate(model, drafter, input_ids, attention_mask, gamma, config, options)
         drafter_vocab = getattr(drafter, "vocab_size", None)
         if drafter_vocab is not None and int(drafter_vocab) != vocab:
             raise ValueError(f"drafter vocab_size {drafter_vocab} != target vocab_size {vocab}")
-    if config.num_beams is not None and config.num_beams > 1:
-        raise ValueError("num_beams > 1 (beam search) is not supported by fastspec.generate yet")
+    num_beams = int(config.num_beams or 1)
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if num_beams > 1:
+        if drafter is not None:
+            raise ValueError("num_beams > 1 runs autoregressive beam search: pass drafter=None")
+        if config.do_sample:
+            raise ValueError("num_beams > 1 with do_sample=True (beam sampling) is not supported")
+        if config.early_stopping not in (None, True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {config.early_stopping!r}")
 
     do_sample = bool(config.do_sample)
     temperature = float(config.temperature if config.temperature is not None else 1.0)
@@ -262,8 +273,10 @@ def _validate(model, drafter, input_ids, attention_mask, gamma, config, options)
     num_return_sequences = int(config.num_return_sequences or 1)
     if num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-    if num_return_sequences > 1 and not do_sample:
+    if num_return_sequences > 1 and not do_sample and num_beams == 1:
         raise ValueError("greedy decoding (do_sample=False) does not support num_return_sequences > 1")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
 
     prompt_width = input_ids.shape[-1]
     if config.max_new_tokens is not None:
@@ -314,6 +327,9 @@ def _validate(model, drafter, input_ids, attention_mask, gamma, config, options)
         eos=eos,
         pad_token_id=int(pad),
         num_return_sequences=num_return_sequences,
+        num_beams=num_beams,
+        length_penalty=float(config.length_penalty if config.length_penalty is not None else 1.0),
+        early_stopping=config.early_stopping if config.early_stopping is not None else False,
         seed=options.get("seed"),
         gamma=gamma,
         dynamic_gamma=dynamic_gamma,
@@ -495,6 +511,8 @@ def generate(
     attention_mask = (
         torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
     )
+    if settings.num_beams > 1:
+        return _beam_search(model, input_ids, attention_mask, config, settings, total_start)
     if settings.num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(settings.num_return_sequences, dim=0)
         attention_mask = attention_mask.repeat_interleave(settings.num_return_sequences, dim=0)
@@ -743,4 +761,172 @@ def generate(
             per_draft_token = draft_time / max(num_draft_calls * mean_gamma, 1e-12)
             metrics.c = per_draft_token / (session.verify_time_s / session.verify_calls)
         metrics.ideal_speedup = ideal_speedup(alpha, mean_gamma, metrics.c)
+    return GenerateOutput(sequences=sequences, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------
+# beam search: autoregressive, a port of HF generate()'s vectorised beam search (5.x)
+# ----------------------------------------------------------------------------------------
+
+
+def _beam_search(model, input_ids, attention_mask, config, settings, total_start) -> GenerateOutput:
+    """Deterministic beam search with HF's scoring, length penalty, early stopping and
+    stopping rules, so the sequences equal ``model.generate(num_beams=...)``."""
+    device = input_ids.device
+    is_seq2seq = bool(model.config.is_encoder_decoder)
+    num_beams = settings.num_beams
+    batch, width = input_ids.shape
+    vocab = _vocab_size(model)
+    eos = settings.eos
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+    beams_to_keep = max(2, 1 + len(eos)) * num_beams
+    top_num_beam_mask = torch.arange(beams_to_keep, device=device) < num_beams
+    early_stopping, length_penalty = settings.early_stopping, settings.length_penalty
+    # HF fills unused slots with `pad or eos[0]` (a pad id of 0 counts as unset there)
+    fill = (settings.pad_token_id or eos[0]) if eos else -1
+
+    cache = new_cache(model)
+    target_time, target_calls = 0.0, 0
+
+    def forward(**kwargs):
+        nonlocal target_time, target_calls
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model(past_key_values=cache, use_cache=True, **kwargs)
+        target_time += time.perf_counter() - start
+        target_calls += 1
+        return out.logits[:, -1].float()  # [B·nb,V]
+
+    if is_seq2seq:
+        start = time.perf_counter()
+        with torch.no_grad():
+            encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        target_time += time.perf_counter() - start
+        target_calls += 1
+        encoder_outputs.last_hidden_state = encoder_outputs.last_hidden_state.repeat_interleave(num_beams, dim=0)
+        encoder_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+        start_id = config.decoder_start_token_id
+        if start_id is None:
+            start_id = model.config.decoder_start_token_id
+        prompt = torch.full((batch, 1), int(start_id), dtype=torch.long, device=device)
+        prompt_real = torch.ones_like(prompt)
+    else:
+        prompt = input_ids
+        prompt_real = attention_mask
+        decoder_mask = attention_mask.repeat_interleave(num_beams, dim=0)  # [B·nb, S]
+    prompt_len = cur_len = prompt.shape[1]
+    max_length = prompt_len + settings.max_new_tokens
+
+    running_sequences = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
+    running_sequences[:, :, :cur_len] = prompt[:, None]
+    sequences = running_sequences.clone()
+    running_beam_scores = torch.zeros(batch, num_beams, device=device)
+    running_beam_scores[:, 1:] = -1e9
+    beam_scores = torch.full((batch, num_beams), -1e9, device=device)
+    is_sent_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)  # HF: is_early_stop_heuristic_unsatisfied
+    running_beam_indices = torch.full(
+        (batch, num_beams, max_length - cur_len), -1, dtype=torch.int32, device=device
+    )
+    beam_indices = running_beam_indices.clone()
+    real_prefix = prompt_real.bool().repeat_interleave(num_beams, dim=0)  # [B·nb,S] pads excluded from the penalty
+
+    def gather_beams(tensor, index):
+        while index.dim() < tensor.dim():
+            index = index.unsqueeze(-1)
+        return torch.take_along_dim(tensor, index, dim=1)
+
+    steps = 0
+    while True:
+        flat = running_sequences[:, :, :cur_len].reshape(batch * num_beams, cur_len)
+        if is_seq2seq:
+            logits = forward(encoder_outputs=encoder_outputs, attention_mask=encoder_mask, decoder_input_ids=flat[:, -1:])
+        elif steps == 0:
+            position_ids = (decoder_mask.cumsum(-1) - 1).masked_fill(decoder_mask == 0, 1)
+            logits = forward(input_ids=flat, attention_mask=decoder_mask, position_ids=position_ids)
+        else:
+            decoder_mask = torch.cat([decoder_mask, torch.ones_like(decoder_mask[:, :1])], dim=1)
+            position_ids = decoder_mask.sum(-1, keepdim=True) - 1
+            logits = forward(input_ids=flat[:, -1:], attention_mask=decoder_mask, position_ids=position_ids)
+        steps += 1
+        scores = torch.log_softmax(logits, dim=-1)[:, None]  # [B·nb,1,V]
+        if settings.sampling.repetition_penalty != 1.0:
+            real = torch.cat([real_prefix, torch.ones_like(flat[:, prompt_len:], dtype=torch.bool)], dim=1)
+            scores = ops.process_logits(
+                scores, prev_tokens=torch.where(real, flat, -1), do_sample=False,
+                repetition_penalty=settings.sampling.repetition_penalty,
+            )
+        if eos_tensor is not None:
+            generated = cur_len - prompt_len
+            row_len = torch.full_like(flat[:, 0], cur_len) if is_seq2seq else real_prefix.sum(-1) + generated
+            too_short = (row_len < settings.min_length) | (generated < settings.min_new_tokens)  # [B·nb]
+            if bool(too_short.any()):
+                scores[too_short[:, None, None] & torch.isin(torch.arange(vocab, device=device), eos_tensor)] = float(
+                    "-inf"
+                )
+        log_probs = scores[:, 0].reshape(batch, num_beams, vocab) + running_beam_scores[:, :, None]
+        log_probs = log_probs.reshape(batch, num_beams * vocab)
+
+        # top-K continuations over all beams
+        topk_log_probs, topk_indices = torch.topk(log_probs, k=beams_to_keep)
+        topk_beam = topk_indices // vocab
+        topk_running_beam_indices = gather_beams(running_beam_indices, topk_beam)
+        topk_running_sequences = gather_beams(running_sequences, topk_beam)
+        topk_ids = topk_indices % vocab
+        topk_running_sequences[:, :, cur_len] = topk_ids
+        batch_offset = torch.arange(batch, device=device)[:, None] * num_beams
+        topk_running_beam_indices[:, :, cur_len - prompt_len] = (topk_beam + batch_offset).to(torch.int32)
+        hits = torch.full_like(topk_ids, cur_len + 1 >= max_length, dtype=torch.bool)
+        if eos_tensor is not None:
+            hits |= torch.isin(topk_ids, eos_tensor)
+
+        # running beams for the next step: the best non-finished ones
+        topk_running_log_probs = topk_log_probs + hits.float() * -1.0e9
+        next_topk = torch.topk(topk_running_log_probs, k=num_beams)[1]
+        running_sequences = gather_beams(topk_running_sequences, next_topk)
+        running_beam_scores = gather_beams(topk_running_log_probs, next_topk)
+        running_beam_indices = gather_beams(topk_running_beam_indices, next_topk)
+
+        # finished hypotheses: merge, keep the best num_beams
+        just_finished = hits & top_num_beam_mask[None, :]
+        finished_scores = topk_log_probs / ((cur_len + 1 - prompt_len) ** length_penalty)
+        beams_full = torch.all(is_sent_finished, dim=-1, keepdim=True) & (early_stopping is True)
+        finished_scores = finished_scores + beams_full.float() * -1.0e9
+        finished_scores = finished_scores + (~improvable).float() * -1.0e9
+        finished_scores = finished_scores + (~just_finished) * -1.0e9
+        merged_sequences = torch.cat((sequences, topk_running_sequences), dim=1)
+        merged_scores = torch.cat((beam_scores, finished_scores), dim=1)
+        merged_indices = torch.cat((beam_indices, topk_running_beam_indices), dim=1)
+        merged_finished = torch.cat((is_sent_finished, just_finished), dim=1)
+        keep = torch.topk(merged_scores, k=num_beams)[1]
+        sequences = gather_beams(merged_sequences, keep)
+        beam_scores = gather_beams(merged_scores, keep)
+        beam_indices = gather_beams(merged_indices, keep)
+        is_sent_finished = gather_beams(merged_finished, keep)
+
+        cache.reorder_cache(running_beam_indices[..., cur_len - prompt_len].reshape(-1).long())
+        cur_len += 1
+
+        # HF's early-stop heuristic and loop condition
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_length = max_length - prompt_len
+        else:
+            best_length = cur_len - prompt_len
+        best_running = running_beam_scores[:, :1] / (best_length**length_penalty)
+        worst_finished = torch.where(is_sent_finished, beam_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        improvable = improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+        open_beam = not (bool(is_sent_finished.all()) and early_stopping is True)
+        if not (bool(improvable.any()) and open_beam and not bool(hits.all())):
+            break
+
+    nrs = settings.num_return_sequences
+    sequences = sequences[:, :nrs].reshape(batch * nrs, max_length)
+    beam_indices = beam_indices[:, :nrs].reshape(batch * nrs, -1)
+    generated_length = int((beam_indices + 1).bool().sum(dim=1).max())
+    sequences = sequences[:, : prompt_len + generated_length]
+    total_time = time.perf_counter() - total_start
+    metrics = GenerationMetrics(
+        num_steps=steps, target_calls=target_calls, target_time_s=target_time, total_time_s=total_time,
+        engine_time_s=max(total_time - target_time, 0.0), num_generated_tokens=generated_length * batch * nrs,
+    )
     return GenerateOutput(sequences=sequences, metrics=metrics)

@@ -35,7 +35,7 @@ def llama_prompt():
         (dict(no_repeat_ngram_size=3), "no_repeat_ngram_size"),
         (dict(bad_words_ids=[[5]]), "bad_words_ids"),
         (dict(typical_p=0.5, do_sample=True), "typical_p"),
-        (dict(num_beams=4), "num_beams"),
+        (dict(num_beams=4), "drafter=None"),
         (dict(not_a_generation_option=1), "not_a_generation_option"),
         (dict(input_ids=torch.randint(3, 100, (1, 1100))), "max positions"),
         (dict(max_new_tokens=1500), "max positions"),
