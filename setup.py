@@ -77,7 +77,7 @@ setup(
         "gguf",
         "accelerate",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "datasets"]},
     entry_points={"console_scripts": ["fastspec=fastspec.cli:main"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
