@@ -63,20 +63,14 @@ inline double exp_nonpositive(double x) {
   return underflow ? 0.0 : poly * scale;
 }
 
-// y = temperature-scaled, penalised logits (float32 arithmetic, as HF).
+// y = x / temperature (float32, as HF); the penalty is applied afterwards at the seen ids.
 FASTSPEC_MULTIVERSION
-void process_values(const float* x, const uint8_t* seen, float penalty, float temperature, int64_t n, float* y) {
-  if (seen != nullptr) {
-    for (int64_t v = 0; v < n; ++v) {
-      const float a = x[v];
-      const float penalised = a < 0.0f ? a * penalty : a / penalty;
-      y[v] = seen[v] ? penalised : a;
-    }
+void scale_values(const float* x, float temperature, int64_t n, float* y) {
+  if (temperature != 1.0f) {
+    for (int64_t v = 0; v < n; ++v) y[v] = x[v] / temperature;
   } else if (y != x) {
     std::memcpy(y, x, size_t(n) * sizeof(float));
   }
-  if (temperature != 1.0f)
-    for (int64_t v = 0; v < n; ++v) y[v] = y[v] / temperature;
 }
 
 // max of y with NaN / +inf flags; independent lanes so the loop vectorises.
@@ -206,21 +200,40 @@ int64_t sample_residual(int64_t vocab, double u, const Prob& prob, const DraftPr
   return token < 0 ? 0 : token;
 }
 
-// Sets seen[v] = 1 for the valid ids of prev.
-void mark_seen(const int64_t* prev, int64_t prev_len, int64_t vocab, uint8_t* seen) {
-  for (int64_t j = 0; j < prev_len; ++j)
-    if (prev[j] >= 0 && prev[j] < vocab) seen[prev[j]] = 1;
-}
-
 inline float penalize(float x, float penalty) { return x < 0.0f ? x * penalty : x / penalty; }
 
+// The ids a position has seen for the repetition penalty: prev (ids outside [0,V) ignored) and
+// the drafts before it. Penalising y[t] from the raw logit is idempotent, so repeats are harmless
+// and no V-sized membership table is needed.
+struct SeenTokens {
+  const int64_t* prev = nullptr;
+  int64_t prev_len = 0;
+  const int64_t* draft = nullptr;
+  int64_t num_draft = 0;
+  float penalty = 1.0f;
+  bool active() const { return penalty != 1.0f; }
+
+  // y[t] = penalize(x[t]) / temperature at every seen id t.
+  void apply(const float* x, float temperature, int64_t vocab, float* y) const {
+    auto one = [&](int64_t t) {
+      const float p = penalize(x[t], penalty);
+      y[t] = temperature != 1.0f ? p / temperature : p;
+    };
+    for (int64_t j = 0; j < prev_len; ++j)
+      if (prev[j] >= 0 && prev[j] < vocab) one(prev[j]);
+    for (int64_t j = 0; j < num_draft; ++j) one(draft[j]);
+  }
+};
+
 // Greedy target token of one position: first maximal index of the penalised logits.
-int32_t greedy_position(const float* logits, const uint8_t* seen, float penalty, int64_t vocab, VerifyWorkspace& ws,
+int32_t greedy_position(const float* logits, const SeenTokens& seen, int64_t vocab, VerifyWorkspace& ws,
                         int64_t* token) {
   const float* x = logits;
-  if (seen != nullptr) {
-    process_values(logits, seen, penalty, 1.0f, vocab, ws.values.data());
-    x = ws.values.data();
+  if (seen.active()) {
+    float* y = ws.values.data();
+    std::memcpy(y, logits, size_t(vocab) * sizeof(float));
+    seen.apply(logits, 1.0f, vocab, y);
+    x = y;
   }
   int nan = 0, posinf = 0;
   const float best = max_and_flags(x, vocab, &nan, &posinf);
@@ -260,13 +273,14 @@ float kth_largest(const float* values, int64_t vocab, int64_t k, VerifyWorkspace
 
 // Processed probabilities of one position, unnormalised: fills ws.values with the processed
 // logits and ws.weights with exp(x - max) of the kept tokens (0 elsewhere); *norm = Σ weights.
-int32_t sample_position(const float* logits, const uint8_t* seen, int64_t vocab, const ProcessParams& params,
+int32_t sample_position(const float* logits, const SeenTokens& seen, int64_t vocab, const ProcessParams& params,
                         VerifyWorkspace& ws, double* norm) {
   float* y = ws.values.data();
   double* w = ws.weights.data();
   const float inf = std::numeric_limits<float>::infinity();
   // Pass 1: penalty, temperature (float32, as HF); max, NaN / +inf flags.
-  process_values(logits, seen, params.repetition_penalty, params.temperature, vocab, y);
+  scale_values(logits, params.temperature, vocab, y);
+  if (seen.active()) seen.apply(logits, params.temperature, vocab, y);
   int nan = 0, posinf = 0;
   const float best = max_and_flags(y, vocab, &nan, &posinf);
   if (nan) return kNanLogits;
@@ -334,7 +348,6 @@ void VerifyWorkspace::ensure(int64_t vocab) {
   if (int64_t(values.size()) < vocab) {
     values.resize(vocab);
     weights.resize(vocab);
-    seen.resize(vocab);
   }
   histogram.resize(size_t(1) << kHistogramBits);
 }
@@ -358,7 +371,7 @@ int32_t verify_greedy_row(const float* logits, const int64_t* draft, int64_t gam
   VerifyWorkspace unused;  // greedy without penalty needs no scratch
   int64_t i = 0, token = 0;
   for (;; ++i) {
-    if (int32_t s = greedy_position(logits + i * vocab, nullptr, 1.0f, vocab, unused, &token)) return s;
+    if (int32_t s = greedy_position(logits + i * vocab, SeenTokens(), vocab, unused, &token)) return s;
     if (i == gamma || token != draft[i]) break;
   }
   write_output(draft, gamma, i, token, out, num_accepted);
@@ -405,21 +418,17 @@ int32_t process_logits_row(const float* logits, const int64_t* prev, int64_t pre
   ws.ensure(vocab);
   if (draft != nullptr)
     if (int32_t s = check_draft_tokens(draft, positions - 1, vocab)) return s;
-  const bool penalize_seen = params.repetition_penalty != 1.0f;
-  uint8_t* seen = penalize_seen ? ws.seen.data() : nullptr;
-  if (penalize_seen) {
-    std::memset(seen, 0, size_t(vocab));
-    mark_seen(prev, prev_len, vocab, seen);
-  }
+  SeenTokens seen{prev, prev_len, draft, 0, params.repetition_penalty};
   for (int64_t i = 0; i < positions; ++i) {
-    if (penalize_seen && i > 0 && draft != nullptr) seen[draft[i - 1]] = 1;
+    seen.num_draft = draft != nullptr ? i : 0;  // position i also sees draft[0..i)
     const float* x = logits + i * vocab;
     float* o = out + i * vocab;
     if (!params.do_sample) {
-      for (int64_t v = 0; v < vocab; ++v) {
-        o[v] = seen != nullptr && seen[v] ? penalize(x[v], params.repetition_penalty) : x[v];
-        if (o[v] != o[v]) return kNanLogits;
-      }
+      std::memcpy(o, x, size_t(vocab) * sizeof(float));
+      if (seen.active()) seen.apply(x, 1.0f, vocab, o);
+      int nan = 0, posinf = 0;
+      max_and_flags(o, vocab, &nan, &posinf);
+      if (nan) return kNanLogits;
       continue;
     }
     double norm = 0.0;
@@ -436,18 +445,12 @@ int32_t fused_verify_row(const float* logits, const int64_t* draft, const float*
                          int64_t* num_accepted) {
   ws.ensure(vocab);
   if (int32_t s = check_draft_tokens(draft, gamma, vocab)) return s;
-  const bool penalize_seen = params.repetition_penalty != 1.0f;
-  uint8_t* seen = penalize_seen ? ws.seen.data() : nullptr;
-  if (penalize_seen) {
-    std::memset(seen, 0, size_t(vocab));
-    mark_seen(prev, prev_len, vocab, seen);
-  }
+  SeenTokens seen{prev, prev_len, draft, 0, params.repetition_penalty};
   if (!params.do_sample) {
     int64_t i = 0, token = 0;
     for (;; ++i) {
-      if (penalize_seen && i > 0) seen[draft[i - 1]] = 1;
-      if (int32_t s = greedy_position(logits + i * vocab, seen, params.repetition_penalty, vocab, ws, &token))
-        return s;
+      seen.num_draft = i;  // position i also sees draft[0..i)
+      if (int32_t s = greedy_position(logits + i * vocab, seen, vocab, ws, &token)) return s;
       if (i == gamma || token != draft[i]) break;
     }
     write_output(draft, gamma, i, token, out, num_accepted);
@@ -456,7 +459,7 @@ int32_t fused_verify_row(const float* logits, const int64_t* draft, const float*
   int64_t accepted = 0;
   double norm = 0.0;
   for (;; ++accepted) {
-    if (penalize_seen && accepted > 0) seen[draft[accepted - 1]] = 1;
+    seen.num_draft = accepted;
     if (int32_t s = sample_position(logits + accepted * vocab, seen, vocab, params, ws, &norm)) return s;
     if (accepted == gamma) break;
     const int64_t d = draft[accepted];

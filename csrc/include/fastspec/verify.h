@@ -53,7 +53,6 @@ struct ProcessParams {
 struct VerifyWorkspace {
   std::vector<float> values;      // [V] processed logits of the current position
   std::vector<double> weights;    // [V] exp(x - max) of the kept tokens, 0 elsewhere
-  std::vector<uint8_t> seen;      // [V] repetition-penalty membership
   std::vector<float> select;      // top-k selection scratch
   std::vector<double> histogram;  // top-p mass histogram
   std::vector<std::pair<uint64_t, double>> bucket;  // top-p boundary bucket
