@@ -323,13 +323,19 @@ __device__ int32_t sample_position(const float* logits, const uint8_t* seen, int
       }
       __syncthreads();
       if (threadIdx.x == 0) {
-        int chosen = -1;
+        int chosen = -1, lowest = -1;
         for (int b = 255; b >= 0; --b) {
           if (sh.mass[b] > 0.0 && above + sh.mass[b] >= target) {
             chosen = b;
             break;
           }
+          if (sh.mass[b] > 0.0) lowest = b;
           above += sh.mass[b];
+        }
+        if (chosen < 0 && shift != 24 && lowest >= 0) {
+          // the bucket chosen one level up re-summed to just under target: take its last digit
+          chosen = lowest;
+          above -= sh.mass[lowest];
         }
         sh.flag = chosen >= 0;
         sh.prefix = prefix | (uint32_t(chosen < 0 ? 0 : chosen) << shift);
