@@ -252,3 +252,26 @@ def test_other_drafters_train_save_and_load(kind, tmp_path):
     assert torch.equal(a.sequences, b.sequences) and a.metrics["num_accepted_tokens"] == b.metrics["num_accepted_tokens"]
     if kind == "layerskip":  # the exit head was trained, the target's own head is untouched
         assert not torch.equal(loaded.model.lm_head.weight, target.lm_head.weight)
+
+
+@pytest.mark.parametrize("k", [64, 8])
+def test_teacher_logits_from_topk_cache(k, teacher, tmp_path):
+    """KD from the pseudo-dataset's top-k cache: with k = V it is the online loss exactly
+    (up to float rounding); with k < V it stays finite and close."""
+    from distill_helpers import hf_generate
+    from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset, load_pseudo_dataset
+    from fastspec.distill.trainer import items_from_records
+
+    sources = [SourceRecord(i, f"d{i}", it.source_ids, it.reference_ids) for i, it in enumerate(_items(6))]
+    generate_pseudo_dataset(teacher, sources, str(tmp_path / "p"), PseudoSettings(batch_size=4, max_new_tokens=5, topk_logits=k),
+                            generate_fn=hf_generate, progress=False)
+    items = items_from_records(load_pseudo_dataset(str(tmp_path / "p")))
+    losses = {}
+    for mode in ("online", "cache"):
+        cfg = _config(tmp_path / mode, max_steps=1, loss=0.0, kd_loss=1.0, kd_temp=1.0, teacher_logits=mode, batch_size=6)
+        trainer = Trainer(_lstm_student(), items, cfg, teacher=teacher, pseudo_dir=str(tmp_path / "p"))
+        losses[mode] = trainer.train().history[0]["kd"]
+    if k == 64:
+        assert losses["cache"] == pytest.approx(losses["online"], rel=1e-5)
+    else:
+        assert losses["cache"] == pytest.approx(losses["online"], rel=0.2) and losses["cache"] > 0

@@ -231,7 +231,7 @@ class Trainer:
             from fastspec.distill.teacher import pad_right
 
             dense = [load_topk_logits(self.pseudo_dir, it.record, self.student.vocab_size) for it in rows]
-            T = max(d.shape[0] for d in dense)
+            T = max([d.shape[0] for d in dense] + [1])
             out = torch.zeros(len(dense), T, self.student.vocab_size)
             for b, d in enumerate(dense):
                 out[b, : d.shape[0]] = d
@@ -265,7 +265,8 @@ class Trainer:
                     outputs = self.student.sample(sources, c.on_policy_max_new_tokens, self.device)
                     name = c.on_policy_divergence
                 else:
-                    outputs = [it.output_ids or it.reference_ids for it in rows]
+                    # the target's outputs when the data has them (even empty ones), else the references
+                    outputs = [it.output_ids if it.output_ids is not None else (it.reference_ids or []) for it in rows]
                     name = c.distill_method
                 teacher, t_mask = self._teacher_logits(sources, outputs, rows)
                 with self._autocast():
