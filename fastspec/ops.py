@@ -53,6 +53,29 @@ def _native_op(name: str):
     return getattr(torch.ops.fastspec, name, None) if hasattr(torch.ops, "fastspec") else None
 
 
+def _register_fakes() -> None:
+    """Shape-only (fake) implementations so torch.compile / export can trace the native ops."""
+    if _native_op("fused_verify") is None:
+        return
+
+    def tokens_and_counts(t):  # t [B,γ+1,...] -> ([B,γ+1] int64, [B] int64)
+        return t.new_empty(t.shape[:2], dtype=torch.long), t.new_empty(t.shape[:1], dtype=torch.long)
+
+    torch.library.register_fake("fastspec::verify_greedy")(lambda target_logits, draft_tokens: tokens_and_counts(
+        target_logits))
+    torch.library.register_fake("fastspec::verify_sample")(
+        lambda target_probs, draft_probs, draft_tokens, uniforms: tokens_and_counts(target_probs))
+    torch.library.register_fake("fastspec::fused_verify")(
+        lambda target_logits, draft_tokens, draft_probs, prev_tokens, uniforms, do_sample, temperature, top_k, top_p,
+        repetition_penalty: tokens_and_counts(target_logits))
+    torch.library.register_fake("fastspec::process_logits")(
+        lambda logits, prev_tokens, draft_tokens, do_sample, temperature, top_k, top_p, repetition_penalty:
+        logits.new_empty(logits.shape, dtype=torch.float32))
+
+
+_register_fakes()
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation shared by the native path and the references (cheap checks: shapes, dtypes, devices,
 # scalars). Checks that need every value (NaN, sums, token ranges) run inside the native kernels

@@ -478,3 +478,19 @@ def test_bad_inputs_fused_verify(impl):
         f(bad, draft, do_sample=True)
     with BAD((ValueError, RuntimeError), match="outside"):
         f(logits, draft.clone().fill_(20))
+
+
+def test_fake_implementations_give_shapes():
+    # torch.compile / export trace the native ops through their registered fake implementations
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        logits = torch.empty(3, 5, 111)
+        draft = torch.empty(3, 4, dtype=torch.long)
+        out, n = torch.ops.fastspec.fused_verify(logits, draft, None, None, torch.empty(3, 5, dtype=torch.float64),
+                                                 True, 1.0, 0, 1.0, 1.0)
+        assert out.shape == (3, 5) and out.dtype == torch.long and n.shape == (3,)
+        out, n = torch.ops.fastspec.verify_greedy(logits, draft)
+        assert out.shape == (3, 5) and n.shape == (3,)
+        probs = torch.ops.fastspec.process_logits(logits, None, None, True, 1.0, 0, 1.0, 1.0)
+        assert probs.shape == (3, 5, 111) and probs.dtype == torch.float32
