@@ -183,6 +183,7 @@ def test_update_equals_fit_on_concatenation():
     twice = NgramTable(4, 40).fit(first).update(second)
     assert (once.num_entries, once.num_contexts, once.num_tokens) == \
         (twice.num_entries, twice.num_contexts, twice.num_tokens)
+    assert torch.equal(once._impl.to_bytes(), twice._impl.to_bytes())  # files are canonical
     ctx = contexts(first + second, 40, batch=8, length=5, seed=0)
     assert torch.equal(once.draft(ctx, 6, return_probs=True)[1], twice.draft(ctx, 6, return_probs=True)[1])
     assert torch.equal(once.draft(ctx, 6), ReferenceNgramTable(4, 40).fit(first + second).draft(ctx, 6))

@@ -552,7 +552,7 @@ uint64_t fnv1a64(const uint8_t* data, size_t size, uint64_t seed) {
 // [24,32) smoothing (IEEE bits), [32,40) contexts incl. root, [40,48) entries,
 // [48,56) payload bytes, [56,64) FNV-1a-64 of bytes [8,56) then the payload.
 // Payload: (contexts-1) x {parent u32, token u32}, then entries x {ctx u32, token u32,
-// count u32}, in id order (a load rebuilds an identical table).
+// count u32}, in a canonical order (equal counts give equal files).
 std::vector<uint8_t> NgramTable::serialize() const {
   const Impl& t = *impl_;
   std::vector<uint8_t> out;
@@ -569,14 +569,39 @@ std::vector<uint8_t> NgramTable::serialize() const {
   put_u64(out, t.entries.size());
   put_u64(out, payload);
   put_u64(out, 0);  // checksum, patched below
-  for (size_t id = 1; id < t.contexts.size(); ++id) {
-    put_u32(out, t.contexts[id].parent);
-    put_u32(out, t.contexts[id].token);
+  // Canonical order, so equal counts give equal bytes however they were inserted:
+  // contexts by (depth, parent's new id, token), entries by (context's new id, token).
+  // A parent always has a smaller id than its children (it is created first).
+  const size_t num_ctx = t.contexts.size();
+  std::vector<std::vector<uint32_t>> by_depth(static_cast<size_t>(t.n));
+  std::vector<uint8_t> depth(num_ctx, 0);
+  for (size_t id = 1; id < num_ctx; ++id) {
+    depth[id] = static_cast<uint8_t>(depth[t.contexts[id].parent] + 1);
+    by_depth[depth[id]].push_back(static_cast<uint32_t>(id));
   }
-  for (const Entry& e : t.entries) {
-    put_u32(out, e.ctx);
-    put_u32(out, e.token);
-    put_u32(out, e.count);
+  std::vector<uint32_t> new_id(num_ctx, 0);
+  uint32_t next_id = 1;
+  for (auto& level : by_depth) {
+    std::sort(level.begin(), level.end(), [&](uint32_t a, uint32_t b) {
+      const Context &x = t.contexts[a], &y = t.contexts[b];
+      return new_id[x.parent] != new_id[y.parent] ? new_id[x.parent] < new_id[y.parent] : x.token < y.token;
+    });
+    for (const uint32_t id : level) {
+      new_id[id] = next_id++;
+      put_u32(out, new_id[t.contexts[id].parent]);
+      put_u32(out, t.contexts[id].token);
+    }
+  }
+  std::vector<uint32_t> entry_order(t.entries.size());
+  for (size_t e = 0; e < entry_order.size(); ++e) entry_order[e] = static_cast<uint32_t>(e);
+  std::sort(entry_order.begin(), entry_order.end(), [&](uint32_t a, uint32_t b) {
+    const Entry &x = t.entries[a], &y = t.entries[b];
+    return new_id[x.ctx] != new_id[y.ctx] ? new_id[x.ctx] < new_id[y.ctx] : x.token < y.token;
+  });
+  for (const uint32_t e : entry_order) {
+    put_u32(out, new_id[t.entries[e].ctx]);
+    put_u32(out, t.entries[e].token);
+    put_u32(out, t.entries[e].count);
   }
   uint64_t h = fnv1a64(out.data() + 8, 48);
   h = fnv1a64(out.data() + kHeaderBytes, out.size() - kHeaderBytes, h);

@@ -96,7 +96,8 @@ class NgramTable {
   NgramFlat build_flat() const;
 
   // Versioned binary format: magic "FSNGRAM\0", version, n, V, smoothing, sizes,
-  // payload, FNV-1a-64 checksum over header fields and payload; little-endian.
+  // payload, FNV-1a-64 checksum over header fields and payload; little-endian. The
+  // payload order is canonical: equal counts give equal bytes.
   std::vector<uint8_t> serialize() const;
   // Throws std::runtime_error with a clear message on a truncated, corrupted,
   // foreign or wrong-version buffer; never reads out of bounds.
