@@ -87,6 +87,8 @@ def flatten_sequences(seqs: Sequences) -> Tuple[torch.Tensor, torch.Tensor]:
     """Training data as (tokens [T] int64, offsets [N+1] int64), sequence i being
     ``tokens[offsets[i]:offsets[i+1]]``. Accepts a [N, L] (or [L]) integer tensor, or a
     list of sequences (lists / 1-D tensors) of ints. Values are checked by the table."""
+    if not isinstance(seqs, (torch.Tensor, list, tuple)) and hasattr(seqs, "__array__"):
+        seqs = torch.as_tensor(seqs)  # a NumPy array
     if isinstance(seqs, torch.Tensor):
         t = _as_int_tensor("seqs", seqs).cpu()
         if t.dim() == 1:
@@ -99,7 +101,7 @@ def flatten_sequences(seqs: Sequences) -> Tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"seqs must be a list of token sequences or an int tensor, got {type(seqs).__name__}")
     parts = []
     for i, s in enumerate(seqs):
-        if isinstance(s, torch.Tensor):
+        if isinstance(s, torch.Tensor) or hasattr(s, "__array__"):
             p = _as_int_tensor(f"seqs[{i}]", s).cpu()
         elif isinstance(s, (str, bytes)) or not isinstance(s, Sequence):
             raise ValueError(f"seqs[{i}] must be a sequence of ints, got {type(s).__name__}")

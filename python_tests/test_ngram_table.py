@@ -2,6 +2,7 @@
 file format's failure modes, bad arguments, and the CUDA path (skipped without a GPU)."""
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -173,8 +174,10 @@ def test_fit_list_equals_fit_padded_tensor():
     a = NgramTable(3, 30).fit(corpus)
     b = NgramTable(3, 30).fit(padded)
     c = NgramTable(3, 30).fit([torch.tensor(s, dtype=torch.long) for s in corpus])
-    assert torch.equal(a._impl.to_bytes(), b._impl.to_bytes())
-    assert torch.equal(a._impl.to_bytes(), c._impl.to_bytes())
+    d = NgramTable(3, 30).fit([np.array(s, dtype=np.int32) for s in corpus])
+    e = NgramTable(3, 30).fit(padded.numpy())
+    for other in (b, c, d, e):
+        assert torch.equal(a._impl.to_bytes(), other._impl.to_bytes())
 
 
 def test_update_equals_fit_on_concatenation():
