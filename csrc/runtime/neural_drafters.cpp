@@ -46,25 +46,41 @@ std::tuple<at::Tensor, at::Tensor> cnn_draft_greedy(
   TORCH_CHECK(window.numel() == 0 || window.max().item<int64_t>() < V, "cnn_draft_greedy: token id >= vocab size ", V);
   c10::NoGradGuard no_grad;
 
-  at::Tensor win = window.clone();  // [B,R]
+  // Step 1 runs the stack over the whole window; later steps are incremental: each layer keeps
+  // its last k-1 inputs (exact: they lie inside the receptive field of the window's last
+  // position), so a step costs one conv position per layer instead of R.
+  std::vector<at::Tensor> history(conv_w.size());  // layer l: [B,k-1,D] inputs before the new position
   at::Tensor tokens = at::empty({B, gamma}, window.options());
   std::vector<at::Tensor> step_logits;
   step_logits.reserve(gamma);
-  for (int64_t s = 0; s < gamma; ++s) {
-    at::Tensor mask = win.ge(0).unsqueeze(-1).to(src_bias.scalar_type());  // [B,R,1]
-    at::Tensor x = (embed_tokens(win, embed, in_proj_w, in_proj_b) + src_bias.unsqueeze(1)) * mask;  // [B,R,D]
+  at::Tensor last;  // [B,D] top-layer output at the newest position
+  {
+    at::Tensor mask = window.ge(0).unsqueeze(-1).to(src_bias.scalar_type());  // [B,R,1]
+    at::Tensor x = (embed_tokens(window, embed, in_proj_w, in_proj_b) + src_bias.unsqueeze(1)) * mask;  // [B,R,D]
     for (size_t l = 0; l < conv_w.size(); ++l) {
       const int64_t k = conv_w[l].size(2);
-      at::Tensor y = at::conv1d(at::constant_pad_nd(x.transpose(1, 2), {k - 1, 0}), conv_w[l], conv_b[l]);  // [B,D,R]
+      at::Tensor padded = at::constant_pad_nd(x.transpose(1, 2), {k - 1, 0});  // [B,D,R+k-1]
+      history[l] = padded.narrow(2, padded.size(2) - (k - 1), k - 1).transpose(1, 2);  // [B,k-1,D]
+      at::Tensor y = at::conv1d(padded, conv_w[l], conv_b[l]);  // [B,D,R]
       x = (x + at::gelu(y.transpose(1, 2))) * mask;
     }
-    at::Tensor last = x.select(1, x.size(1) - 1);  // [B,D]
-    last = at::layer_norm(last, {last.size(-1)}, norm_w, norm_b, norm_eps);
-    at::Tensor logits = head_logits(last, head_w, head_b);  // [B,V]
-    at::Tensor next = logits.argmax(-1);                     // [B]
+    last = x.select(1, x.size(1) - 1);
+  }
+  for (int64_t s = 0; s < gamma; ++s) {
+    at::Tensor normed = at::layer_norm(last, {last.size(-1)}, norm_w, norm_b, norm_eps);
+    at::Tensor logits = head_logits(normed, head_w, head_b);  // [B,V]
+    at::Tensor next = logits.argmax(-1);                       // [B]
     tokens.select(1, s).copy_(next);
     step_logits.push_back(logits);
-    win = at::cat({win.narrow(1, 1, win.size(1) - 1), next.unsqueeze(1)}, 1);
+    if (s + 1 == gamma) break;
+    at::Tensor x = (embed_tokens(next, embed, in_proj_w, in_proj_b) + src_bias).unsqueeze(1);  // [B,1,D]
+    for (size_t l = 0; l < conv_w.size(); ++l) {
+      at::Tensor inputs = at::cat({history[l], x}, 1);  // [B,k,D]
+      history[l] = inputs.narrow(1, 1, inputs.size(1) - 1);
+      at::Tensor y = at::conv1d(inputs.transpose(1, 2), conv_w[l], conv_b[l]);  // [B,D,1]
+      x = x + at::gelu(y.transpose(1, 2));
+    }
+    last = x.select(1, 0);
   }
   return {tokens, at::stack(step_logits, 1)};
 }

@@ -11,7 +11,9 @@
 namespace fastspec {
 namespace runtime {
 
-// Causal CNN drafter (fastspec/drafters/cnn.py: CausalConvLM).
+// Causal CNN drafter (fastspec/drafters/cnn.py: CausalConvLM). The first step runs the window;
+// later steps are incremental (per-layer histories of the last k-1 inputs), the same maths
+// as the Python twin's window recompute up to float summation order.
 //   window: [B,R] int64, the last R tokens of each row, left-padded with -1 (R = receptive field).
 //   src_bias: [B,D] the per-request source summary added to every input position.
 //   embed: [V,E]; in_proj_w/b: [D,E]/[D] or none (E == D); conv_w: L x [D,D,k]; conv_b: L x [D];
