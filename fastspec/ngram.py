@@ -22,7 +22,8 @@ never seen after the chosen context get probability 0.
 Greedy drafting takes the argmax (smallest id on ties, i.e. ``torch.argmax`` of the
 probabilities above), appends it to the context and repeats ``gamma`` times, all rows and
 steps in one native call. The native table keeps each context's argmax, so tokens-only
-drafting never builds a V-wide vector.
+drafting never builds a V-wide vector. (It is the argmax of the counts; the float32
+probabilities could only tie two different counts above ~2^23 occurrences.)
 
 Example
 -------
@@ -201,10 +202,7 @@ class NgramTable:
         padding). Returns [B, V] float32 ([V] for a 1-D context), on the context's device.
         """
         ctx, lengths, was_1d = _as_context(context_ids, lengths)
-        if ctx.is_cuda:
-            probs = self._impl.draft(ctx, lengths, 1, True)[1][:, 0]
-        else:
-            probs = self._impl.next_probs(ctx, lengths)
+        probs = self._impl.next_probs(ctx, lengths)
         return probs[0] if was_1d else probs
 
     def draft(self, context_ids, gamma: int, return_probs: bool = False, lengths=None):
