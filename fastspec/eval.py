@@ -76,6 +76,9 @@ class DecodeRun:
     target_calls: int = 0
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
+    # decode-step forwards only (no encoder/prefill), when the engine reports them
+    verify_calls: int = 0
+    verify_time_s: float = 0.0
     position_accepted: List[float] = field(default_factory=list)  # Σ over prompts of rate·steps
     info: Dict[str, Any] = field(default_factory=dict)
 
@@ -111,6 +114,9 @@ class DecodeRun:
         self.target_calls += int(metrics.get("target_calls", 0) or 0)
         self.draft_time_s += float(metrics.get("draft_time_s", 0.0) or 0.0)
         self.target_time_s += float(metrics.get("target_time_s", 0.0) or 0.0)
+        # without the engine's own split, count every target call (prefill included) as a step
+        self.verify_calls += int(metrics.get("verify_calls", metrics.get("target_calls", 0)) or 0)
+        self.verify_time_s += float(metrics.get("verify_time_s", metrics.get("target_time_s", 0.0)) or 0.0)
         rates = list(metrics.get("per_position_acceptance") or [])
         if len(self.position_accepted) < len(rates):
             self.position_accepted += [0.0] * (len(rates) - len(self.position_accepted))
@@ -141,12 +147,12 @@ def summarize(run: DecodeRun, reference: Optional[DecodeRun], greedy: bool) -> D
     if reference is not None and reference is not run:
         row["speedup"] = run.tokens_per_s / reference.tokens_per_s
         row["identical"] = (run.outputs == reference.outputs) if greedy else None
-        ar_forward_s = reference.target_time_s / reference.target_calls if reference.target_calls else None
+        ar_forward_s = reference.verify_time_s / reference.verify_calls if reference.verify_calls else None
         if ar_forward_s and run.num_draft_tokens and run.acceptance_rate is not None and run.gamma:
             c = (run.draft_time_s / run.num_draft_tokens) / ar_forward_s
             row["c"] = c
             row["ideal_speedup"] = ideal_speedup(run.acceptance_rate, run.gamma, c)  # fastspec.engine's formula
-            row["verify_cost"] = (run.target_time_s / run.target_calls) / ar_forward_s if run.target_calls else None
+            row["verify_cost"] = (run.verify_time_s / run.verify_calls) / ar_forward_s if run.verify_calls else None
             row["measured_over_ideal"] = row["speedup"] / row["ideal_speedup"]
     elif reference is run:
         row["speedup"] = 1.0
