@@ -11,8 +11,8 @@ namespace fastspec {
 
 namespace {
 
-constexpr int kHistogramBits = 12;  // top-p: first radix digit (sign, exponent, 3 mantissa bits)
-constexpr int kHistogramShift = 32 - kHistogramBits;
+constexpr int64_t kTopPBins = 2560;         // top-p mass histogram: 40 nats below the max ...
+constexpr double kTopPBinsPerNat = 64.0;     // ... in bins of 1/64 nat (the last bin takes the rest)
 constexpr size_t kHeapTopK = 256;  // top-k: a size-k heap up to here, nth_element beyond
 
 inline uint64_t value_index_key(float x, int64_t index) {
@@ -300,16 +300,22 @@ int32_t sample_position(const float* logits, const SeenTokens& seen, int64_t voc
     sum = exp_weights(y, vocab, max_value, w);
   }
   if (params.top_p < 1.0) {
-    // Keep a token iff the mass of the tokens above it in (value, index) order is < top_p.
-    // Radix select on the mass: a histogram over the first 12 key bits finds the boundary
-    // bucket, whose few members are then sorted and walked.
+    // Keep a token iff the mass of the tokens above it in (value, index) order is < top_p * Σ.
+    // A mass histogram over value bins 1/64 nat wide below the max finds the boundary bin
+    // (bins are monotone in the value, so whole bins lie above or below the boundary); its few
+    // members are then sorted by (value, index) and walked.
     const double target = params.top_p * sum;
+    auto bin_of = [max_value](float x) {
+      const double distance = (max_value - double(x)) * kTopPBinsPerNat;
+      return distance < double(kTopPBins - 1) ? int64_t(distance) : int64_t(kTopPBins - 1);
+    };
     std::vector<double>& hist = ws.histogram;
     std::fill(hist.begin(), hist.end(), 0.0);
-    for (int64_t v = 0; v < vocab; ++v) hist[float_order_key(y[v]) >> kHistogramShift] += w[v];
+    for (int64_t v = 0; v < vocab; ++v)
+      if (w[v] > 0.0) hist[bin_of(y[v])] += w[v];
     double above = 0.0;
     int64_t boundary = -1;
-    for (int64_t b = int64_t(hist.size()) - 1; b >= 0; --b) {
+    for (int64_t b = 0; b < kTopPBins; ++b) {
       if (hist[b] > 0.0 && above + hist[b] >= target) {
         boundary = b;
         break;
@@ -320,8 +326,7 @@ int32_t sample_position(const float* logits, const SeenTokens& seen, int64_t voc
       auto& bucket = ws.bucket;
       bucket.clear();
       for (int64_t v = 0; v < vocab; ++v)
-        if (w[v] > 0.0 && int64_t(float_order_key(y[v]) >> kHistogramShift) == boundary)
-          bucket.emplace_back(value_index_key(y[v], v), w[v]);
+        if (w[v] > 0.0 && bin_of(y[v]) == boundary) bucket.emplace_back(value_index_key(y[v], v), w[v]);
       std::sort(bucket.begin(), bucket.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
       uint64_t threshold = bucket.back().first;
       for (const auto& member : bucket) {
@@ -331,9 +336,12 @@ int32_t sample_position(const float* logits, const SeenTokens& seen, int64_t voc
         }
         above += member.second;
       }
+      const int64_t threshold_index = int64_t(threshold & 0xffffffffu);
+      const float threshold_value = y[threshold_index];
       sum = 0.0;
       for (int64_t v = 0; v < vocab; ++v) {
-        if (w[v] > 0.0 && value_index_key(y[v], v) < threshold) w[v] = 0.0;
+        const bool keep = y[v] > threshold_value || (y[v] == threshold_value && v >= threshold_index);
+        w[v] = keep ? w[v] : 0.0;
         sum += w[v];
       }
     }
@@ -349,7 +357,7 @@ void VerifyWorkspace::ensure(int64_t vocab) {
     values.resize(vocab);
     weights.resize(vocab);
   }
-  histogram.resize(size_t(1) << kHistogramBits);
+  histogram.resize(size_t(kTopPBins));
 }
 
 const char* describe_status(int32_t status) {
