@@ -149,17 +149,26 @@ def test_lengths_equal_left_padding():
     vocab=st.integers(1, 12),
     smoothing=st.sampled_from([0.0, 0.1, 1.0, 3.0]),
     seqs=st.lists(st.lists(st.integers(-1, 11), max_size=30), max_size=6),
-    ctx=st.lists(st.integers(0, 11), max_size=8),
+    rows=st.lists(st.lists(st.integers(0, 11), max_size=8), min_size=1, max_size=3),
     gamma=st.integers(1, 6),
+    right_padded=st.booleans(),
 )
-def test_fuzz_native_equals_reference(n, vocab, smoothing, seqs, ctx, gamma):
+def test_fuzz_native_equals_reference(n, vocab, smoothing, seqs, rows, gamma, right_padded):
     seqs = [[t % vocab if t >= 0 else -1 for t in s] for s in seqs]
-    ctx = torch.tensor([[t % vocab for t in ctx]], dtype=torch.long).reshape(1, -1)
+    rows = [[t % vocab for t in r] for r in rows]
+    width = max(len(r) for r in rows)
+    if right_padded:  # ragged rows through lengths, junk after each row's length
+        ctx = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+        lengths = torch.tensor([len(r) for r in rows])
+    else:  # -1 left padding
+        ctx = torch.tensor([[-1] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        lengths = None
     native, ref = both(n, vocab, smoothing, seqs)
     assert native.num_entries == ref.num_entries
-    tokens, probs = native.draft(ctx, gamma, return_probs=True)
-    ref_tokens, ref_probs = ref.draft(ctx, gamma, return_probs=True)
+    tokens, probs = native.draft(ctx, gamma, return_probs=True, lengths=lengths)
+    ref_tokens, ref_probs = ref.draft(ctx, gamma, return_probs=True, lengths=lengths)
     assert torch.equal(tokens, ref_tokens) and torch.equal(probs, ref_probs)
+    assert torch.equal(native.next_probs(ctx, lengths=lengths), ref.next_probs(ctx, lengths=lengths))
 
 
 # ---------------------------------------------------------------------------------------------
