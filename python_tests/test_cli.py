@@ -69,6 +69,7 @@ def test_pseudo_matches_target_greedy(target_dir, tmp_path, capsys):
         assert rec["reference_ids"][-1] == 1 and rec["generation"] == {"max_new_tokens": 6, "do_sample": False}
 
 
+@pytest.mark.slow  # ~20 s idle, ~70 s on a loaded box; test_pseudo.py covers the crash in-process by default
 def test_pseudo_killed_subprocess_resumes_without_duplicates(target_dir, tmp_path, capsys):
     n = 24
     args = PSEUDO + ["--target", target_dir, "--num_samples", str(n), "--batch_size", "1", "--max_new_tokens", "12"]
