@@ -191,8 +191,16 @@ def _load_drafter_folder(path: str, target=None):
     from fastspec.drafters.io import load_drafter
     from fastspec.distill.teacher import vocab_size
 
+    from fastspec.drafters.io import read_config
+
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such drafter folder (missing checkpoint)")
+    if read_config(path)["kind"] == "layer_skip":  # its weights are the target's (+ a trained exit head)
+        from fastspec.distill.layerskip import load_layerskip_drafter
+
+        if target is None:
+            raise ValueError(f"{path}: a layer-skip drafter needs its target")
+        return load_layerskip_drafter(path, target)
     drafter = load_drafter(path)
     theirs = getattr(drafter, "vocab_size", None)
     if target is not None and theirs is not None and theirs != vocab_size(target):
