@@ -327,7 +327,7 @@ def test_seeded_determinism():
     do_sample=st.booleans(),
     temperature=st.sampled_from([1.0, 0.3, 2.0]),
     top_k=st.sampled_from([0, 1, 3, 50]),
-    top_p=st.sampled_from([1.0, 0.9, 0.37]),
+    top_p=st.sampled_from([1.0, 0.9, 0.75, 0.5, 0.37]),
     repetition_penalty=st.sampled_from([1.0, 1.3, 0.7]),
     deterministic=st.booleans(),
 )

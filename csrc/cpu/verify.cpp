@@ -169,23 +169,23 @@ void normalize(double* w, int64_t n, double norm) {
 
 // First index whose float64 running sum (index order) exceeds u * total; -1 if total is 0.
 // u * total may round up to total for u within 2^-53 of 1: then the last positive weight.
+// One sequential pass stores the running sums; a binary search then finds the index.
 template <class Weight>
 int64_t inverse_cdf(int64_t vocab, double u, const Weight& weight) {
-  double total = 0.0;
+  static thread_local std::vector<double> cdf;
+  if (int64_t(cdf.size()) < vocab) cdf.resize(size_t(vocab));
+  double running = 0.0;
   int64_t last_positive = -1;
   for (int64_t v = 0; v < vocab; ++v) {
-    double w = weight(v);
+    const double w = weight(v);
     if (w > 0.0) last_positive = v;
-    total += w;
+    running += w;
+    cdf[v] = running;
   }
-  if (!(total > 0.0)) return -1;
-  const double target = u * total;
-  double running = 0.0;
-  for (int64_t v = 0; v < vocab; ++v) {
-    running += weight(v);
-    if (running > target) return v;
-  }
-  return last_positive;
+  if (!(running > 0.0)) return -1;
+  const double target = u * running;
+  const int64_t index = std::upper_bound(cdf.begin(), cdf.begin() + vocab, target) - cdf.begin();
+  return index < vocab ? index : last_positive;
 }
 
 // The recovered/bonus token: norm(max(0, p - q)) with p = prob(v), q = draft_prob(v), falling
