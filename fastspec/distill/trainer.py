@@ -194,6 +194,9 @@ class Trainer:
         self.log_jsonl = os.path.join(root, "log.jsonl") if root else None
         self.log_csv = os.path.join(root, "log.csv") if root else None
         self._perm_cache: Dict[int, List[int]] = {}
+        # fp16 autocast needs loss scaling (bf16 does not); its state is checkpointed
+        fp16 = (config.amp == "fp16") and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
 
     # ------------------------------------------------------------------ set-up checks
     def _check_setup(self) -> None:
@@ -284,7 +287,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict:
-        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": self.config.resume_key(), "num_items": len(self.items)}
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": self.config.resume_key(), "num_items": len(self.items)}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def save(self) -> Optional[str]:
         if not self.info.is_main or self.ckpt_root is None:
@@ -309,6 +315,8 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{folder} does not fit this drafter: {err}") from None
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step = state["step"]
         if self.info.is_main:
             self._truncate_logs(self.step)
@@ -356,12 +364,18 @@ class Trainer:
             rows = self._rows_for_step(self.step)
             total, parts, tokens = self._loss(rows)
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            (self.scaler.scale(total) if self.scaler is not None else total).backward()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             grad_norm = 0.0
             if c.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.module.parameters(), c.grad_clip))
             lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             self.step += 1
             loss_value = float(total.detach())
