@@ -88,7 +88,7 @@ def _check_float(name: str, t: torch.Tensor, rank: int) -> torch.Tensor:
         raise ValueError(f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-    return t
+    return t.float() if t.dtype == torch.float64 else t  # the kernels read float32: round float64 once
 
 
 def _check_tokens(name: str, t: torch.Tensor, rank: int) -> torch.Tensor:
@@ -135,7 +135,7 @@ def _draw_uniforms(batch: int, gamma: int, device: torch.device, generator: Opti
 
 
 def _check_verify_greedy_args(target_logits, draft_tokens):
-    _check_float("target_logits", target_logits, 3)
+    target_logits = _check_float("target_logits", target_logits, 3)
     draft_tokens = _check_tokens("draft_tokens", draft_tokens, 2)
     B, K, V = target_logits.shape
     if draft_tokens.shape != (B, K - 1):
@@ -150,7 +150,7 @@ def _check_verify_greedy_args(target_logits, draft_tokens):
 
 
 def _check_verify_sample_args(target_probs, draft_probs, draft_tokens):
-    _check_float("target_probs", target_probs, 3)
+    target_probs = _check_float("target_probs", target_probs, 3)
     draft_tokens = _check_tokens("draft_tokens", draft_tokens, 2)
     B, K, V = target_probs.shape
     if V == 0:
@@ -161,7 +161,7 @@ def _check_verify_sample_args(target_probs, draft_probs, draft_tokens):
             f"[B, γ+1, V] = {list(target_probs.shape)}, got {list(draft_tokens.shape)}"
         )
     if draft_probs is not None:
-        _check_float("draft_probs", draft_probs, 3)
+        draft_probs = _check_float("draft_probs", draft_probs, 3)
         if draft_probs.shape != (B, K - 1, V):
             raise ValueError(
                 f"draft_probs must have shape [B, γ, V] = [{B}, {K - 1}, {V}], got {list(draft_probs.shape)}"
@@ -370,14 +370,13 @@ def _as_3d_logits(logits: torch.Tensor) -> Tuple[torch.Tensor, bool]:
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() == 2:
         return logits[:, None, :], True
-    _check_float("logits", logits, 3)
     return logits, False
 
 
 def _check_process_args(logits, prev_tokens, draft_tokens, do_sample, temperature, top_k, top_p, repetition_penalty):
     _check_processing(do_sample, temperature, top_k, top_p, repetition_penalty)
     logits3, squeeze = _as_3d_logits(logits)
-    _check_float("logits", logits3, 3)
+    logits3 = _check_float("logits", logits3, 3)
     B, K, V = logits3.shape
     if V == 0:
         raise ValueError("vocabulary size V must be > 0")
@@ -412,7 +411,7 @@ def _check_fused_args(target_logits, draft_tokens, draft_probs, prev_tokens, do_
     if draft_probs is not None:
         if not do_sample:
             raise ValueError("draft_probs is only used when do_sample=True; pass None for greedy verification")
-        _check_float("draft_probs", draft_probs, 3)
+        draft_probs = _check_float("draft_probs", draft_probs, 3)
         if draft_probs.shape != (B, K - 1, V):
             raise ValueError(
                 f"draft_probs must have shape [B, γ, V] = [{B}, {K - 1}, {V}], got {list(draft_probs.shape)}"

@@ -494,3 +494,14 @@ def test_fake_implementations_give_shapes():
         assert out.shape == (3, 5) and n.shape == (3,)
         probs = torch.ops.fastspec.process_logits(logits, None, None, True, 1.0, 0, 1.0, 1.0)
         assert probs.shape == (3, 5, 111) and probs.dtype == torch.float32
+
+
+def test_float64_inputs_are_rounded_to_float32_once():
+    # the kernels read float32; float64 inputs mean their float32 rounding, for native and reference alike
+    logits, q, draft = make_case(3, 4, 111, seed=4)
+    p64, q64 = torch.softmax(logits.double(), -1), q.double()
+    a = ops.verify_sample(p64, q64, draft, generator=gen(0))
+    assert_same(a, REF.verify_sample(p64, q64, draft, generator=gen(0)))
+    assert_same(a, ops.verify_sample(p64.float(), q64.float(), draft, generator=gen(0)))
+    f = ops.fused_verify(logits.double(), draft, q64, do_sample=True, top_p=0.9, generator=gen(1))
+    assert_same(f, REF.fused_verify(logits.double(), draft, q64, do_sample=True, top_p=0.9, generator=gen(1)))
