@@ -131,13 +131,25 @@ def test_train_hf_drafter_and_resume(target_dir, tmp_path, capsys):
     assert meta["kind"] == "hf" and meta["config"]["training"]["distill_method"] == "fkl"
     log = [json.loads(l) for l in open(tmp_path / "runs" / "kd" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and 0.0 <= log[-1]["eval_alpha"] <= 1.0
-    from fastspec.drafters.io import load_drafter
+    from fastspec.drafters.io import load_drafter, read_config
 
     drafter = load_drafter(str(folder))
     assert drafter.vocab_size == 32128
     # --resume of a finished run: nothing left to do, same weights
     status, _, err = _run_cli(common + ["--exp_name", "kd", "--resume"], capsys)
     assert status == 0, err
+    # n-gram: fitted on the target's outputs (distilled) or on the references (baseline)
+    ngram = ["train", "--drafter", "ngram", "--target", target_dir, "--output_root", str(tmp_path / "runs"),
+             "--pseudo_dataset_path", str(pseudo), "--ngram_n", "3", "--no_progress"]
+    assert _run_cli(ngram + ["--exp_name", "ng_kd", "--loss", "0", "--kd_loss", "1"], capsys)[0] == 0
+    assert _run_cli(ngram + ["--exp_name", "ng_ref", "--loss", "1", "--kd_loss", "0"], capsys)[0] == 0
+    kd_drafter = load_drafter(str(tmp_path / "runs" / "ng_kd" / "drafter"))
+    records = [json.loads(l) for l in open(pseudo / "pseudo.jsonl")]
+    first = records[0]["output_ids"]
+    # the fitted table continues the target's own first output from its first two tokens
+    ctx = torch.tensor([[0] + first[:2]])
+    assert kd_drafter.table.draft(ctx, 1)[0, 0].item() in {r["output_ids"][2] for r in records if r["output_ids"][:2] == first[:2]}
+    assert read_config(str(tmp_path / "runs" / "ng_ref" / "drafter"))["config"]["training"]["distill_method"] is None
 
 
 def _error(argv, capsys, pattern):
