@@ -47,10 +47,19 @@ def native_available() -> bool:
     return _NATIVE
 
 
-def _native_op(name: str):
+def _native_op(name: str, device: Optional[torch.device] = None):
+    """The registered native op, or None (not built; or CUDA tensors and a CPU-only build)."""
     if not _NATIVE:
         return None
+    if device is not None and device.type == "cuda" and not getattr(fastspec._C, "with_cuda", False):
+        return None
+    if device is not None and device.type not in ("cpu", "cuda"):
+        return None  # e.g. meta: the reference raises the device errors
     return getattr(torch.ops.fastspec, name, None) if hasattr(torch.ops, "fastspec") else None
+
+
+def _device_of(t) -> Optional[torch.device]:
+    return t.device if isinstance(t, torch.Tensor) else None
 
 
 def _register_fakes() -> None:
@@ -474,7 +483,7 @@ def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor):
         >>> verify_greedy(logits, torch.tensor([[1, 2]]))
         (tensor([[ 1,  0, -1]]), tensor([1]))
     """
-    op = _native_op("verify_greedy")
+    op = _native_op("verify_greedy", _device_of(target_logits))
     if op is None:
         return _ref_verify_greedy(target_logits, draft_tokens)
     target_logits, draft_tokens = _check_verify_greedy_args(target_logits, draft_tokens)
@@ -500,7 +509,7 @@ def verify_sample(target_probs, draft_probs, draft_tokens, *, generator: Optiona
         >>> verify_sample(p, None, torch.tensor([[1]]))
         (tensor([[1, 0]]), tensor([1]))
     """
-    op = _native_op("verify_sample")
+    op = _native_op("verify_sample", _device_of(target_probs))
     if op is None:
         return _ref_verify_sample(target_probs, draft_probs, draft_tokens, generator=generator)
     target_probs, draft_probs, draft_tokens = _check_verify_sample_args(target_probs, draft_probs, draft_tokens)
@@ -530,7 +539,7 @@ def process_logits(
         float32 probabilities shaped like ``logits`` when ``do_sample``, else the
         repetition-penalised float32 logits (greedy takes their argmax).
     """
-    op = _native_op("process_logits")
+    op = _native_op("process_logits", _device_of(logits))
     if op is None:
         return _ref_process_logits(
             logits, prev_tokens=prev_tokens, draft_tokens=draft_tokens, do_sample=do_sample,
@@ -565,7 +574,7 @@ def fused_verify(
     Returns:
         ``(output_tokens [B, γ+1] int64 −1 padded, num_accepted [B] int64)``.
     """
-    op = _native_op("fused_verify")
+    op = _native_op("fused_verify", _device_of(target_logits))
     if op is None:
         return _ref_fused_verify(
             target_logits, draft_tokens, draft_probs, prev_tokens=prev_tokens, do_sample=do_sample,
