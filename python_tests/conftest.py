@@ -3,6 +3,7 @@
 tiny_t5:           FLAN-T5 architecture (gated-gelu, untied head, vocab 32128), 2+2 layers, d_model 64.
 tiny_llama:        Llama causal model, vocab 3001, 2 layers, hidden 64.
 tiny_vocab_llama:  Llama causal model with vocab 12, for statistical sampling tests.
+tiny_vocab_t5:     T5 (FLAN-T5 architecture) with vocab 12, for statistical sampling tests.
 t5_tokenizer:      the real offline T5 tokenizer (DESIGN §4).
 t5_inputs / llama_inputs: ragged batches of 8 (T5: real tokenizer ids, right padding;
                    Llama: left padding).
@@ -83,6 +84,22 @@ def _llama(vocab_size, seed, hidden=64, layers=2):
 @pytest.fixture(scope="session")
 def tiny_llama():
     return _llama(3001, seed=4321)
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=12, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, eos_token_id=1,
+        pad_token_id=0, dropout_rate=0.0,
+    )
+    torch.manual_seed(77)
+    model = _spread_init(T5ForConditionalGeneration(config), seed=77)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.3)  # softer: dozens of likely (token, token) pairs, not one
+    return model
 
 
 @pytest.fixture(scope="session")

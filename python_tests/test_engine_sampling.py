@@ -46,9 +46,16 @@ def _exact_joint(model, settings):
     vocab = model.config.vocab_size
     prompt = torch.tensor([PROMPT])
     with torch.no_grad():
-        first = procs(prompt, model(prompt).logits[:, -1]).softmax(-1)[0]  # [V]
-        seconds = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)  # [V,S+1]
-        second = procs(seconds, model(seconds).logits[:, -1]).softmax(-1)  # [V,V]
+        if model.config.is_encoder_decoder:  # the processors see the decoder ids, as in HF
+            start = torch.tensor([[model.config.decoder_start_token_id]])
+            first = procs(start, model(input_ids=prompt, decoder_input_ids=start).logits[:, -1]).softmax(-1)[0]
+            seconds = torch.cat([start.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)  # [V,2]
+            logits = model(input_ids=prompt.repeat(vocab, 1), decoder_input_ids=seconds).logits[:, -1]
+        else:
+            first = procs(prompt, model(prompt).logits[:, -1]).softmax(-1)[0]  # [V]
+            seconds = torch.cat([prompt.repeat(vocab, 1), torch.arange(vocab)[:, None]], dim=1)  # [V,S+1]
+            logits = model(seconds).logits[:, -1]
+        second = procs(seconds, logits).softmax(-1)  # [V,V]
     return (first[:, None] * second).double()
 
 
@@ -77,7 +84,7 @@ def _sample_counts(model, drafter, gamma, settings, seed):
         model, drafter, ids, gamma=gamma, do_sample=True, max_new_tokens=2, eos_token_id=None, seed=seed,
         **settings,
     )
-    new = out.sequences[:, len(PROMPT):]
+    new = out.sequences[:, 1:] if model.config.is_encoder_decoder else out.sequences[:, len(PROMPT):]
     assert new.shape == (NUM_SAMPLES, 2)
     counts = torch.bincount(new[:, 0] * vocab + new[:, 1], minlength=vocab * vocab).reshape(vocab, vocab)
     return counts, out.metrics
@@ -107,9 +114,10 @@ def _broken_fused_verify(target_logits, draft_tokens, draft_probs, *, prev_token
 @pytest.mark.parametrize(
     "drafter_kind,gamma", [("uniform_q", 1), ("uniform_q", 3), ("one_hot_q", 2), ("autoregressive", 0)]
 )
-def test_speculative_sampling_matches_target_distribution(tiny_vocab_llama, setting, drafter_kind, gamma):
+@pytest.mark.parametrize("target", ["tiny_vocab_llama", "tiny_vocab_t5"])
+def test_speculative_sampling_matches_target_distribution(request, target, setting, drafter_kind, gamma):
     settings = SETTINGS[setting]
-    model = tiny_vocab_llama
+    model = request.getfixturevalue(target)
     drafter = {
         "uniform_q": lambda: RandomDrafter(seed=5),
         "one_hot_q": lambda: RandomDrafter(seed=5, deterministic=True),
@@ -124,21 +132,24 @@ def test_speculative_sampling_matches_target_distribution(tiny_vocab_llama, sett
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
-def test_skipping_the_residual_fails_the_same_test(tiny_vocab_llama, monkeypatch, setting):
+@pytest.mark.parametrize("target", ["tiny_vocab_llama", "tiny_vocab_t5"])
+def test_skipping_the_residual_fails_the_same_test(request, target, monkeypatch, setting):
     """The statistical test has power: the classic bug (resample from p after a rejection) fails it."""
     from fastspec import engine
 
     settings = SETTINGS[setting]
+    model = request.getfixturevalue(target)
     monkeypatch.setattr(engine.ops, "fused_verify", _broken_fused_verify)
-    exact = _exact_joint(tiny_vocab_llama, settings)
-    counts, _ = _sample_counts(tiny_vocab_llama, RandomDrafter(seed=5), 2, settings, seed=2024)
+    exact = _exact_joint(model, settings)
+    counts, _ = _sample_counts(model, RandomDrafter(seed=5), 2, settings, seed=2024)
     stat, dof = _chi2_stat(counts, exact * NUM_SAMPLES)
     assert stat > 3 * _chi2_critical(dof), (stat, dof)
 
 
-def test_exact_distribution_is_not_trivial(tiny_vocab_llama):
+@pytest.mark.parametrize("target", ["tiny_vocab_llama", "tiny_vocab_t5"])
+def test_exact_distribution_is_not_trivial(request, target):
     """Guard: p is far from the drafter's uniform q, so a verify bug has something to show."""
-    exact = _exact_joint(tiny_vocab_llama, SETTINGS["plain"])
+    exact = _exact_joint(request.getfixturevalue(target), SETTINGS["plain"])
     first = exact.sum(1)
     tv_to_uniform = 0.5 * float((first - 1 / first.numel()).abs().sum())
     assert tv_to_uniform > 0.2
