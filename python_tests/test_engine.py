@@ -277,3 +277,16 @@ def test_metrics_fields(targets):
     assert m.total_time_s >= m.target_time_s + m.draft_time_s
     assert m.c >= 0 and m.ideal_speedup == pytest.approx(5 / (4 * m.c + 1))
     assert fastspec.engine.ideal_speedup(0.5, 3, 0.0) == pytest.approx((1 - 0.5 ** 4) / 0.5)
+
+
+def test_reference_verify_gives_the_same_output(targets, monkeypatch):
+    """Without the native extension the engine runs ops' pure-torch twins: same greedy tokens."""
+    from fastspec import ops
+
+    model, ids, mask, refs_by = targets["llama"]
+    eos, refs = refs_by["eos"]
+    kwargs = dict(gamma=3, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0, repetition_penalty=1.2)
+    native = fastspec.generate(model, OracleDrafter(refs, noise=0.3), ids, mask, **kwargs)
+    monkeypatch.setattr(ops, "_native_op", lambda *args, **kw: None)
+    reference = fastspec.generate(model, OracleDrafter(refs, noise=0.3), ids, mask, **kwargs)
+    assert torch.equal(native.sequences, reference.sequences)
