@@ -270,6 +270,36 @@ def test_lstm_native_equals_reference(vocab, batch):
 
 
 @needs_native
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sampled_native_equals_reference(batch):
+    """Sampling inside the native loop: q via fastspec::process_logits and at::multinomial with the
+    caller's generator give the Python twin's tokens for the same seed (and allclose q)."""
+    sampling = SamplingParams(do_sample=True, temperature=0.8, top_k=30, top_p=0.95, repetition_penalty=1.3)
+    torch.manual_seed(batch)
+    cnn = CausalConvLM(V, embed_dim=12, dim=16, num_layers=2, kernel_size=3).eval()
+    lstm = LSTMLM(V, embed_dim=12, dim=8, hidden_size=10, num_layers=2).eval()
+    window = torch.randint(0, V, (batch, cnn.receptive_field))
+    window[0, :2] = -1
+    bias = torch.randn(batch, 16)
+    last = torch.randint(0, V, (batch,))
+    h, c = torch.randn(2, batch, 10), torch.randn(2, batch, 10)
+    prev = torch.randint(-1, V, (batch, 7))
+    for seed in range(5):
+        with torch.no_grad():
+            runs = [
+                (cnn_draft_native(cnn, window, bias, 5, sampling, prev, torch.Generator().manual_seed(seed)),
+                 cnn_draft_reference(cnn, window, bias, 5, sampling, prev, torch.Generator().manual_seed(seed))),
+                (lstm_draft_native(lstm, last, h, c, 5, sampling, prev, torch.Generator().manual_seed(seed)),
+                 lstm_draft_reference(lstm, last, h, c, 5, sampling, prev, torch.Generator().manual_seed(seed))),
+            ]
+        for native, ref in runs:
+            assert torch.equal(native[0], ref[0]), seed
+            torch.testing.assert_close(native[1], ref[1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(native[1].sum(-1), torch.ones(batch, 5))
+            assert int((native[1] > 0).sum(-1).max()) <= 30  # top-k applied to q
+
+
+@needs_native
 def test_neural_runtime_bad_inputs_raise():
     model = LSTMLM(V, embed_dim=12, dim=8, hidden_size=10, num_layers=1)
     h = torch.zeros(1, 2, 10)

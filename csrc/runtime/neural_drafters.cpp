@@ -1,5 +1,6 @@
 #include "neural_drafters.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
@@ -24,27 +25,56 @@ at::Tensor head_logits(const at::Tensor& x, const at::Tensor& head_w, const std:
   return at::linear(x, head_w, head_b.has_value() ? *head_b : at::Tensor());
 }
 
+// Chooses the next token per row from logits [B,V]; returns (token [B], logits or q [B,V]).
+// `prev` ([B,L], -1 padded) grows by the chosen tokens (repetition penalty of later steps).
+std::pair<at::Tensor, at::Tensor> choose(const at::Tensor& logits, const TokenChoice& choice,
+                                         std::optional<at::Tensor>& prev) {
+  if (!choice.do_sample) return {logits.argmax(-1), logits};
+  static auto process = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("fastspec::process_logits", "")
+                            .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                                              const std::optional<at::Tensor>&, bool, double, int64_t, double,
+                                              double)>();
+  at::Tensor q = process.call(logits.to(at::kFloat).unsqueeze(1).contiguous(), prev, std::nullopt, true,
+                              choice.temperature, choice.top_k, choice.top_p, choice.repetition_penalty)
+                     .squeeze(1);  // [B,V]
+  at::Tensor token = at::multinomial(q, 1, false, choice.generator).squeeze(1);  // [B]
+  prev = prev.has_value() ? at::cat({*prev, token.unsqueeze(1)}, 1) : token.unsqueeze(1);
+  return {token, q};
+}
+
+void check_choice(const TokenChoice& choice, const at::Tensor& ref, int64_t batch, const char* op) {
+  if (!choice.prev_tokens.has_value()) return;
+  const at::Tensor& prev = *choice.prev_tokens;
+  TORCH_CHECK(prev.dim() == 2 && prev.size(0) == batch && prev.scalar_type() == at::kLong, op,
+              ": prev_tokens must be [B,L] int64 with B=", batch);
+  check_same_device(prev, ref, "prev_tokens");
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cnn_draft_greedy(
+std::tuple<at::Tensor, at::Tensor> cnn_draft(
     const at::Tensor& window, const at::Tensor& src_bias, const at::Tensor& embed,
     const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
     const std::vector<at::Tensor>& conv_w, const std::vector<at::Tensor>& conv_b, const at::Tensor& norm_w,
     const at::Tensor& norm_b, double norm_eps, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
-    int64_t gamma) {
-  TORCH_CHECK(gamma >= 1, "cnn_draft_greedy: gamma must be >= 1, got ", gamma);
-  TORCH_CHECK(window.dim() == 2 && window.scalar_type() == at::kLong, "cnn_draft_greedy: window must be [B,R] int64");
-  TORCH_CHECK(window.size(1) >= 1, "cnn_draft_greedy: window must hold at least one position");
-  TORCH_CHECK(embed.dim() == 2, "cnn_draft_greedy: embed must be [V,E]");
-  TORCH_CHECK(conv_w.size() == conv_b.size() && !conv_w.empty(), "cnn_draft_greedy: need L >= 1 conv weights and biases");
-  TORCH_CHECK(src_bias.dim() == 2 && src_bias.size(0) == window.size(0), "cnn_draft_greedy: src_bias must be [B,D]");
-  TORCH_CHECK(head_w.dim() == 2 && head_w.size(0) == embed.size(0), "cnn_draft_greedy: head_w must be [V,D]");
+    int64_t gamma, const TokenChoice& choice) {
+  TORCH_CHECK(gamma >= 1, "cnn_draft: gamma must be >= 1, got ", gamma);
+  TORCH_CHECK(window.dim() == 2 && window.scalar_type() == at::kLong, "cnn_draft: window must be [B,R] int64");
+  TORCH_CHECK(window.size(1) >= 1, "cnn_draft: window must hold at least one position");
+  TORCH_CHECK(embed.dim() == 2, "cnn_draft: embed must be [V,E]");
+  TORCH_CHECK(conv_w.size() == conv_b.size() && !conv_w.empty(), "cnn_draft: need L >= 1 conv weights and biases");
+  TORCH_CHECK(src_bias.dim() == 2 && src_bias.size(0) == window.size(0), "cnn_draft: src_bias must be [B,D]");
+  TORCH_CHECK(head_w.dim() == 2 && head_w.size(0) == embed.size(0), "cnn_draft: head_w must be [V,D]");
   check_same_device(window, embed, "window");
   check_same_device(src_bias, embed, "src_bias");
   const int64_t V = embed.size(0);
   const int64_t B = window.size(0);
-  TORCH_CHECK(window.numel() == 0 || window.max().item<int64_t>() < V, "cnn_draft_greedy: token id >= vocab size ", V);
+  TORCH_CHECK(window.numel() == 0 || window.max().item<int64_t>() < V, "cnn_draft: token id >= vocab size ", V);
+  check_choice(choice, embed, B, "cnn_draft");
   c10::NoGradGuard no_grad;
+  std::optional<at::Tensor> prev;
+  if (choice.prev_tokens.has_value()) prev = choice.prev_tokens->contiguous();
 
   // Step 1 runs the stack over the whole window; later steps are incremental: each layer keeps
   // its last k-1 inputs (exact: they lie inside the receptive field of the window's last
@@ -68,10 +98,9 @@ std::tuple<at::Tensor, at::Tensor> cnn_draft_greedy(
   }
   for (int64_t s = 0; s < gamma; ++s) {
     at::Tensor normed = at::layer_norm(last, {last.size(-1)}, norm_w, norm_b, norm_eps);
-    at::Tensor logits = head_logits(normed, head_w, head_b);  // [B,V]
-    at::Tensor next = logits.argmax(-1);                       // [B]
+    auto [next, scores] = choose(head_logits(normed, head_w, head_b), choice, prev);  // [B], [B,V]
     tokens.select(1, s).copy_(next);
-    step_logits.push_back(logits);
+    step_logits.push_back(scores);
     if (s + 1 == gamma) break;
     at::Tensor x = (embed_tokens(next, embed, in_proj_w, in_proj_b) + src_bias).unsqueeze(1);  // [B,1,D]
     for (size_t l = 0; l < conv_w.size(); ++l) {
@@ -85,28 +114,31 @@ std::tuple<at::Tensor, at::Tensor> cnn_draft_greedy(
   return {tokens, at::stack(step_logits, 1)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft_greedy(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft(
     const at::Tensor& last, const at::Tensor& h, const at::Tensor& c, const at::Tensor& embed,
     const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
     const std::vector<at::Tensor>& w_ih, const std::vector<at::Tensor>& w_hh, const std::vector<at::Tensor>& b_ih,
     const std::vector<at::Tensor>& b_hh, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
-    int64_t gamma) {
-  TORCH_CHECK(gamma >= 1, "lstm_draft_greedy: gamma must be >= 1, got ", gamma);
-  TORCH_CHECK(last.dim() == 1 && last.scalar_type() == at::kLong, "lstm_draft_greedy: last must be [B] int64");
-  TORCH_CHECK(embed.dim() == 2, "lstm_draft_greedy: embed must be [V,E]");
+    int64_t gamma, const TokenChoice& choice) {
+  TORCH_CHECK(gamma >= 1, "lstm_draft: gamma must be >= 1, got ", gamma);
+  TORCH_CHECK(last.dim() == 1 && last.scalar_type() == at::kLong, "lstm_draft: last must be [B] int64");
+  TORCH_CHECK(embed.dim() == 2, "lstm_draft: embed must be [V,E]");
   const int64_t L = static_cast<int64_t>(w_ih.size());
   TORCH_CHECK(L >= 1 && (int64_t)w_hh.size() == L && (int64_t)b_ih.size() == L && (int64_t)b_hh.size() == L,
-              "lstm_draft_greedy: need L >= 1 of each of w_ih, w_hh, b_ih, b_hh");
+              "lstm_draft: need L >= 1 of each of w_ih, w_hh, b_ih, b_hh");
   TORCH_CHECK(h.dim() == 3 && h.sizes() == c.sizes() && h.size(0) == L && h.size(1) == last.size(0),
-              "lstm_draft_greedy: h and c must both be [L,B,H] with L=", L, " B=", last.size(0));
-  TORCH_CHECK(head_w.dim() == 2 && head_w.size(0) == embed.size(0), "lstm_draft_greedy: head_w must be [V,H]");
+              "lstm_draft: h and c must both be [L,B,H] with L=", L, " B=", last.size(0));
+  TORCH_CHECK(head_w.dim() == 2 && head_w.size(0) == embed.size(0), "lstm_draft: head_w must be [V,H]");
   check_same_device(last, embed, "last");
   check_same_device(h, embed, "h");
   check_same_device(c, embed, "c");
   const int64_t V = embed.size(0);
   TORCH_CHECK(last.numel() == 0 || (last.min().item<int64_t>() >= 0 && last.max().item<int64_t>() < V),
-              "lstm_draft_greedy: token ids must be in [0, ", V, ")");
+              "lstm_draft: token ids must be in [0, ", V, ")");
+  check_choice(choice, embed, last.size(0), "lstm_draft");
   c10::NoGradGuard no_grad;
+  std::optional<at::Tensor> prev;
+  if (choice.prev_tokens.has_value()) prev = choice.prev_tokens->contiguous();
 
   const int64_t B = last.size(0);
   std::vector<at::Tensor> hs(h.unbind(0)), cs(c.unbind(0));  // L x [B,H]
@@ -125,10 +157,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft_greedy(
     h_all.push_back(at::stack(hs, 0));
     c_all.push_back(at::stack(cs, 0));
     if (s == gamma) break;  // the last feed only advances the state (for a full accept)
-    at::Tensor logits = head_logits(x, head_w, head_b);  // [B,V]
-    feed = logits.argmax(-1);
+    auto [next, scores] = choose(head_logits(x, head_w, head_b), choice, prev);  // [B], [B,V]
+    feed = next;
     tokens.select(1, s).copy_(feed);
-    step_logits.push_back(logits);
+    step_logits.push_back(scores);
   }
   return {tokens, at::stack(step_logits, 1), at::stack(h_all, 0), at::stack(c_all, 0)};
 }

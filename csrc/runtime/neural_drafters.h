@@ -1,8 +1,9 @@
-// C++ drafter runtime for the neural drafters: the whole γ-step greedy drafting loop
+// C++ drafter runtime for the neural drafters: the whole γ-step drafting loop (greedy or sampled)
 // in one native call, built from ATen ops (this is the one place outside csrc/torch/
-// allowed to include torch). The Python twins are CNNDrafter/LSTMDrafter._draft_python.
+// allowed to include torch). The Python twins: cnn_draft_reference / lstm_draft_reference.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/Generator.h>
 
 #include <optional>
 #include <tuple>
@@ -11,6 +12,20 @@
 namespace fastspec {
 namespace runtime {
 
+// How each drafted token is chosen. Greedy: argmax of the logits. Sampling: q from the
+// registered op fastspec::process_logits (the target's processing: repetition penalty over
+// prev_tokens + the drafts so far, temperature, top-k, top-p), then at::multinomial(q, 1) with
+// the generator -- the same calls, in the same order, as the Python twins.
+struct TokenChoice {
+  bool do_sample = false;
+  double temperature = 1.0;
+  int64_t top_k = 0;
+  double top_p = 1.0;
+  double repetition_penalty = 1.0;
+  std::optional<at::Tensor> prev_tokens;  // [B,L] int64, -1 = pad
+  std::optional<at::Generator> generator;
+};
+
 // Causal CNN drafter (fastspec/drafters/cnn.py: CausalConvLM). The first step runs the window;
 // later steps are incremental (per-layer histories of the last k-1 inputs), the same maths
 // as the Python twin's window recompute up to float summation order.
@@ -18,26 +33,26 @@ namespace runtime {
 //   src_bias: [B,D] the per-request source summary added to every input position.
 //   embed: [V,E]; in_proj_w/b: [D,E]/[D] or none (E == D); conv_w: L x [D,D,k]; conv_b: L x [D];
 //   norm_w/b: [D]; head_w: [V,D]; head_b: [V] or none.
-// Returns tokens [B,γ] int64 and logits [B,γ,V] (float of the weights' dtype).
-std::tuple<at::Tensor, at::Tensor> cnn_draft_greedy(
+// Returns tokens [B,γ] int64 and per step the logits (greedy) or q (sampling): [B,γ,V].
+std::tuple<at::Tensor, at::Tensor> cnn_draft(
     const at::Tensor& window, const at::Tensor& src_bias, const at::Tensor& embed,
     const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
     const std::vector<at::Tensor>& conv_w, const std::vector<at::Tensor>& conv_b, const at::Tensor& norm_w,
     const at::Tensor& norm_b, double norm_eps, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
-    int64_t gamma);
+    int64_t gamma, const TokenChoice& choice);
 
 // Unidirectional LSTM drafter (fastspec/drafters/lstm.py: LSTMLM).
 //   last: [B] int64, the last committed token of each row (not yet consumed by the state).
 //   h, c: [L,B,H] state after all earlier tokens.
 //   w_ih: L x [4H,in], w_hh: L x [4H,H], b_ih/b_hh: L x [4H] (PyTorch gate order i,f,g,o).
-// Returns tokens [B,γ], logits [B,γ,V], h_all/c_all [γ+1,L,B,H]: the state after feeding
+// Returns tokens [B,γ], logits or q [B,γ,V], h_all/c_all [γ+1,L,B,H]: the state after feeding
 // last, d_1, ..., d_γ, so a commit with a accepted drafts rolls back to h_all[a].
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft_greedy(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft(
     const at::Tensor& last, const at::Tensor& h, const at::Tensor& c, const at::Tensor& embed,
     const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
     const std::vector<at::Tensor>& w_ih, const std::vector<at::Tensor>& w_hh, const std::vector<at::Tensor>& b_ih,
     const std::vector<at::Tensor>& b_hh, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
-    int64_t gamma);
+    int64_t gamma, const TokenChoice& choice);
 
 }  // namespace runtime
 }  // namespace fastspec

@@ -1,5 +1,5 @@
 // Registration of the drafter runtime ops: torch.ops.fastspec.{prompt_lookup_draft,
-// cnn_draft_greedy, lstm_draft_greedy}. Python faces: fastspec/drafters/{prompt_lookup,cnn,lstm}.py.
+// cnn_draft, lstm_draft}. Python faces: fastspec/drafters/{prompt_lookup,cnn,lstm}.py.
 #include <torch/library.h>
 
 #include "../runtime/neural_drafters.h"
@@ -42,6 +42,45 @@ std::tuple<at::Tensor, at::Tensor> prompt_lookup_draft_op(const at::Tensor& sour
   return {tokens, num};
 }
 
+using fastspec::runtime::TokenChoice;
+
+TokenChoice make_choice(bool do_sample, double temperature, int64_t top_k, double top_p, double repetition_penalty,
+                        const std::optional<at::Tensor>& prev_tokens, const std::optional<at::Generator>& generator) {
+  TokenChoice c;
+  c.do_sample = do_sample;
+  c.temperature = temperature;
+  c.top_k = top_k;
+  c.top_p = top_p;
+  c.repetition_penalty = repetition_penalty;
+  c.prev_tokens = prev_tokens;
+  c.generator = generator;
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor> cnn_draft_op(
+    const at::Tensor& window, const at::Tensor& src_bias, const at::Tensor& embed,
+    const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
+    const std::vector<at::Tensor>& conv_w, const std::vector<at::Tensor>& conv_b, const at::Tensor& norm_w,
+    const at::Tensor& norm_b, double norm_eps, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
+    int64_t gamma, bool do_sample, double temperature, int64_t top_k, double top_p, double repetition_penalty,
+    const std::optional<at::Tensor>& prev_tokens, const std::optional<at::Generator>& generator) {
+  return fastspec::runtime::cnn_draft(
+      window, src_bias, embed, in_proj_w, in_proj_b, conv_w, conv_b, norm_w, norm_b, norm_eps, head_w, head_b, gamma,
+      make_choice(do_sample, temperature, top_k, top_p, repetition_penalty, prev_tokens, generator));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft_op(
+    const at::Tensor& last, const at::Tensor& h, const at::Tensor& c, const at::Tensor& embed,
+    const std::optional<at::Tensor>& in_proj_w, const std::optional<at::Tensor>& in_proj_b,
+    const std::vector<at::Tensor>& w_ih, const std::vector<at::Tensor>& w_hh, const std::vector<at::Tensor>& b_ih,
+    const std::vector<at::Tensor>& b_hh, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
+    int64_t gamma, bool do_sample, double temperature, int64_t top_k, double top_p, double repetition_penalty,
+    const std::optional<at::Tensor>& prev_tokens, const std::optional<at::Generator>& generator) {
+  return fastspec::runtime::lstm_draft(
+      last, h, c, embed, in_proj_w, in_proj_b, w_ih, w_hh, b_ih, b_hh, head_w, head_b, gamma,
+      make_choice(do_sample, temperature, top_k, top_p, repetition_penalty, prev_tokens, generator));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastspec, m) {
@@ -49,14 +88,18 @@ TORCH_LIBRARY_FRAGMENT(fastspec, m) {
       "prompt_lookup_draft(Tensor source, Tensor source_len, Tensor generated, Tensor gen_len, int gamma, "
       "int max_n, int min_n, bool source_is_prefix) -> (Tensor, Tensor)",
       &prompt_lookup_draft_op);
+  // Sampling arguments (after gamma): the target's processing for q, prev_tokens [B,L] for the
+  // repetition penalty, and the generator that at::multinomial draws from.
   m.def(
-      "cnn_draft_greedy(Tensor window, Tensor src_bias, Tensor embed, Tensor? in_proj_w, Tensor? in_proj_b, "
+      "cnn_draft(Tensor window, Tensor src_bias, Tensor embed, Tensor? in_proj_w, Tensor? in_proj_b, "
       "Tensor[] conv_w, Tensor[] conv_b, Tensor norm_w, Tensor norm_b, float norm_eps, Tensor head_w, "
-      "Tensor? head_b, int gamma) -> (Tensor, Tensor)",
-      &fastspec::runtime::cnn_draft_greedy);
+      "Tensor? head_b, int gamma, bool do_sample=False, float temperature=1.0, int top_k=0, float top_p=1.0, "
+      "float repetition_penalty=1.0, Tensor? prev_tokens=None, Generator? generator=None) -> (Tensor, Tensor)",
+      &cnn_draft_op);
   m.def(
-      "lstm_draft_greedy(Tensor last, Tensor h, Tensor c, Tensor embed, Tensor? in_proj_w, Tensor? in_proj_b, "
-      "Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, Tensor[] b_hh, Tensor head_w, Tensor? head_b, int gamma) "
-      "-> (Tensor, Tensor, Tensor, Tensor)",
-      &fastspec::runtime::lstm_draft_greedy);
+      "lstm_draft(Tensor last, Tensor h, Tensor c, Tensor embed, Tensor? in_proj_w, Tensor? in_proj_b, "
+      "Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, Tensor[] b_hh, Tensor head_w, Tensor? head_b, int gamma, "
+      "bool do_sample=False, float temperature=1.0, int top_k=0, float top_p=1.0, float repetition_penalty=1.0, "
+      "Tensor? prev_tokens=None, Generator? generator=None) -> (Tensor, Tensor, Tensor, Tensor)",
+      &lstm_draft_op);
 }

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastspec.drafters.context import right_to_left_pad
-from fastspec.drafters.neural import NeuralDrafter, TokenModel
+from fastspec.drafters.neural import NeuralDrafter, TokenModel, choose_tokens, native_choice_kwargs
 
 
 class CausalConvLM(TokenModel):
@@ -55,28 +55,35 @@ class CausalConvLM(TokenModel):
         return self.head(self.norm(self.hidden(ids, self.source_bias(source))))
 
 
-def cnn_draft_reference(model: CausalConvLM, window: torch.Tensor, src_bias: torch.Tensor, gamma: int):
-    """Python twin of the native loop: window [B,R] left-padded -1 -> (tokens [B,γ], logits [B,γ,V])."""
-    tokens, logits_all = [], []
-    win = window.clone()
+def cnn_draft_reference(model: CausalConvLM, window: torch.Tensor, src_bias: torch.Tensor, gamma: int,
+                        sampling=None, prev_tokens=None, generator=None):
+    """Python twin of the native loop (recomputes the window every step).
+
+    window [B,R] left-padded -1 -> (tokens [B,γ], logits (greedy) or q (sampling) [B,γ,V]).
+    sampling: SamplingParams with do_sample (q from ops.process_logits, torch.multinomial with
+    ``generator``; prev_tokens [B,L] feed the repetition penalty); None = greedy."""
+    tokens, scores_all = [], []
+    win, prev = window.clone(), prev_tokens
     for _ in range(gamma):
         last = model.hidden(win, src_bias)[:, -1]  # [B,D]
         last = F.layer_norm(last, (last.shape[-1],), model.norm.weight, model.norm.bias, model.norm.eps)
         logits = F.linear(last, model.head.weight, model.head.bias)  # [B,V]
-        nxt = logits.argmax(-1)
+        nxt, scores, prev = choose_tokens(logits, sampling, prev, generator)
         tokens.append(nxt)
-        logits_all.append(logits)
+        scores_all.append(scores)
         win = torch.cat([win[:, 1:], nxt[:, None]], dim=1)
-    return torch.stack(tokens, 1), torch.stack(logits_all, 1)
+    return torch.stack(tokens, 1), torch.stack(scores_all, 1)
 
 
-def cnn_draft_native(model: CausalConvLM, window: torch.Tensor, src_bias: torch.Tensor, gamma: int):
-    """The γ-step loop in one native call (same maths as :func:`cnn_draft_reference`)."""
+def cnn_draft_native(model: CausalConvLM, window: torch.Tensor, src_bias: torch.Tensor, gamma: int,
+                     sampling=None, prev_tokens=None, generator=None):
+    """The γ-step loop in one native call (incremental after step 1; the maths of the twin)."""
     proj = model.in_proj
-    return torch.ops.fastspec.cnn_draft_greedy(
+    return torch.ops.fastspec.cnn_draft(
         window, src_bias, model.embed.weight, proj.weight if proj is not None else None,
         proj.bias if proj is not None else None, [c.weight for c in model.convs], [c.bias for c in model.convs],
         model.norm.weight, model.norm.bias, float(model.norm.eps), model.head.weight, model.head.bias, int(gamma),
+        **native_choice_kwargs(sampling, prev_tokens, generator),
     )
 
 
@@ -92,25 +99,9 @@ class CNNDrafter(NeuralDrafter):
     def _window(self, seq: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         return right_to_left_pad(seq, lens, self.model.receptive_field)  # [B,R]
 
-    def _greedy(self, seq, lens, gamma):
-        window = self._window(seq, lens)
-        if self.native:
-            return cnn_draft_native(self.model, window, self._src_bias, gamma)[0]
-        return cnn_draft_reference(self.model, window, self._src_bias, gamma)[0]
-
-    def _draft_sampled(self, seq, lens, gamma):
-        window = self._window(seq, lens)
-        prev = seq  # repetition penalty sees [start]+generated (+ drafts below)
-        tokens, probs = [], []
-        for _ in range(gamma):
-            hidden = self.model.hidden(window, self._src_bias)[:, -1]
-            logits = self.model.head(self.model.norm(hidden))
-            token, q = self.pick(logits, prev)
-            tokens.append(token)
-            probs.append(q)
-            window = torch.cat([window[:, 1:], token[:, None]], dim=1)
-            prev = torch.cat([prev, token[:, None]], dim=1)
-        return torch.stack(tokens, 1), torch.stack(probs, 1)
+    def _draft(self, seq, lens, gamma, sampling, prev):
+        run = cnn_draft_native if self.native else cnn_draft_reference
+        return run(self.model, self._window(seq, lens), self._src_bias, gamma, sampling, prev, self._generator)
 
 
 __all__ = ["CNNDrafter", "CausalConvLM", "cnn_draft_reference", "cnn_draft_native"]

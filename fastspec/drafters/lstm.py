@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fastspec.drafters.neural import NeuralDrafter, TokenModel
+from fastspec.drafters.neural import NeuralDrafter, TokenModel, choose_tokens, native_choice_kwargs
 
 
 class LSTMLM(TokenModel):
@@ -68,12 +68,13 @@ class LSTMLM(TokenModel):
         return x
 
 
-def lstm_draft_reference(model: LSTMLM, last: torch.Tensor, h: torch.Tensor, c: torch.Tensor, gamma: int):
-    """Python twin of the native loop. last [B], h/c [L,B,H] ->
-    (tokens [B,γ], logits [B,γ,V], h_all [γ+1,L,B,H], c_all [γ+1,L,B,H])."""
+def lstm_draft_reference(model: LSTMLM, last: torch.Tensor, h: torch.Tensor, c: torch.Tensor, gamma: int,
+                         sampling=None, prev_tokens=None, generator=None):
+    """Python twin of the native loop. last [B], h/c [L,B,H] -> (tokens [B,γ], logits (greedy) or
+    q (sampling) [B,γ,V], h_all [γ+1,L,B,H], c_all [γ+1,L,B,H]); sampling as in cnn_draft_reference."""
     hs, cs = list(h.unbind(0)), list(c.unbind(0))
     tokens, logits_all, h_all, c_all = [], [], [], []
-    feed = last
+    feed, prev = last, prev_tokens
     for step in range(gamma + 1):
         top = model.cell_step(feed, hs, cs)
         h_all.append(torch.stack(hs, 0))
@@ -81,19 +82,21 @@ def lstm_draft_reference(model: LSTMLM, last: torch.Tensor, h: torch.Tensor, c: 
         if step == gamma:
             break
         logits = F.linear(top, model.head.weight, model.head.bias)
-        feed = logits.argmax(-1)
+        feed, scores, prev = choose_tokens(logits, sampling, prev, generator)
         tokens.append(feed)
-        logits_all.append(logits)
+        logits_all.append(scores)
     return torch.stack(tokens, 1), torch.stack(logits_all, 1), torch.stack(h_all, 0), torch.stack(c_all, 0)
 
 
-def lstm_draft_native(model: LSTMLM, last: torch.Tensor, h: torch.Tensor, c: torch.Tensor, gamma: int):
+def lstm_draft_native(model: LSTMLM, last: torch.Tensor, h: torch.Tensor, c: torch.Tensor, gamma: int,
+                      sampling=None, prev_tokens=None, generator=None):
     """The γ-step loop in one native call (same maths as :func:`lstm_draft_reference`)."""
     proj = model.in_proj
     w_ih, w_hh, b_ih, b_hh = model.weights()
-    return torch.ops.fastspec.lstm_draft_greedy(
+    return torch.ops.fastspec.lstm_draft(
         last, h, c, model.embed.weight, proj.weight if proj is not None else None,
         proj.bias if proj is not None else None, w_ih, w_hh, b_ih, b_hh, model.head.weight, model.head.bias, int(gamma),
+        **native_choice_kwargs(sampling, prev_tokens, generator),
     )
 
 
@@ -137,32 +140,13 @@ class LSTMDrafter(NeuralDrafter):
     def _last(self, seq, lens):
         return seq.gather(1, (lens - 1)[:, None])[:, 0]
 
-    def _greedy(self, seq, lens, gamma):
+    def _draft(self, seq, lens, gamma, sampling, prev):
         self._sync(seq, lens)
-        last = self._last(seq, lens)
         run = lstm_draft_native if self.native else lstm_draft_reference
-        tokens, _, h_all, c_all = run(self.model, last, self._h, self._c, gamma)
+        tokens, scores, h_all, c_all = run(self.model, self._last(seq, lens), self._h, self._c, gamma, sampling, prev,
+                                           self._generator)
         self._pending = (seq, lens, tokens, h_all, c_all)
-        return tokens
-
-    def _draft_sampled(self, seq, lens, gamma):
-        self._sync(seq, lens)
-        hs, cs = list(self._h.unbind(0)), list(self._c.unbind(0))
-        feed, prev = self._last(seq, lens), seq
-        tokens, probs, h_all, c_all = [], [], [], []
-        for step in range(gamma + 1):
-            top = self.model.cell_step(feed, hs, cs)
-            h_all.append(torch.stack(hs, 0))
-            c_all.append(torch.stack(cs, 0))
-            if step == gamma:
-                break
-            feed, q = self.pick(self.model.head(top), prev)
-            tokens.append(feed)
-            probs.append(q)
-            prev = torch.cat([prev, feed[:, None]], dim=1)
-        tokens = torch.stack(tokens, 1)
-        self._pending = (seq, lens, tokens, torch.stack(h_all, 0), torch.stack(c_all, 0))
-        return tokens, torch.stack(probs, 1)
+        return tokens, scores
 
     def commit(self, info) -> None:
         """Keep the state after the accepted drafts (rows whose verified tokens were ours)."""

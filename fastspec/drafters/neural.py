@@ -49,6 +49,29 @@ class TokenModel(nn.Module):
             self.embed.weight[:rows].copy_(weight[:rows].to(self.embed.weight.dtype))
 
 
+def choose_tokens(logits: torch.Tensor, sampling=None, prev: Optional[torch.Tensor] = None, generator=None):
+    """Python twin of the runtime's token choice. logits [B,V] ->
+    (tokens [B], logits (greedy) or q [B,V] (sampling), prev grown by the tokens)."""
+    if sampling is None or not sampling.do_sample:
+        return logits.argmax(-1), logits, prev
+    q = ops.process_logits(
+        logits.float()[:, None], prev_tokens=prev, do_sample=True, temperature=sampling.temperature,
+        top_k=sampling.top_k, top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
+    )[:, 0]
+    token = torch.multinomial(q, 1, generator=generator)[:, 0]
+    prev = token[:, None] if prev is None else torch.cat([prev, token[:, None]], dim=1)
+    return token, q, prev
+
+
+def native_choice_kwargs(sampling=None, prev: Optional[torch.Tensor] = None, generator=None) -> dict:
+    """The runtime ops' sampling arguments (empty for greedy)."""
+    if sampling is None or not sampling.do_sample:
+        return {}
+    return dict(do_sample=True, temperature=float(sampling.temperature), top_k=int(sampling.top_k),
+                top_p=float(sampling.top_p), repetition_penalty=float(sampling.repetition_penalty),
+                prev_tokens=prev, generator=generator)
+
+
 def pad_rows(rows: Sequence[Sequence[int]], device, pad: int = -1) -> torch.Tensor:
     """Right-pad python rows into [B,max_len] int64 (at least 1 column)."""
     width = max([len(r) for r in rows] + [1])
@@ -100,7 +123,7 @@ class NeuralStudent:
 
 class NeuralDrafter(Drafter):
     """Base of CNNDrafter / LSTMDrafter. Subclasses set ``kind``, ``model_class`` and implement
-    ``_greedy(seq, lens, gamma)`` (native runtime or Python twin) and ``_logits_step`` helpers."""
+    ``_draft(seq, lens, gamma, sampling, prev)`` (native runtime or its Python twin)."""
 
     kind = ""
     model_class = None
@@ -164,23 +187,16 @@ class NeuralDrafter(Drafter):
     def native(self) -> bool:
         return self.use_native and ops.native_available()
 
-    def pick(self, logits: torch.Tensor, prev: torch.Tensor):
-        """Sampling step: (tokens [B], q [B,V]) from logits [B,V] with the target's processing."""
-        s = self.request.sampling
-        q = ops.process_logits(
-            logits.float()[:, None], prev_tokens=prev, do_sample=True, temperature=s.temperature, top_k=s.top_k,
-            top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-        )[:, 0]
-        return torch.multinomial(q, 1, generator=self._generator)[:, 0], q
-
     def draft(self, step: DraftStep) -> DraftOutput:
+        """γ tokens per row in one runtime call (native, or the Python twin): greedy argmax, or
+        sampled from q = the target's processing of the drafter's logits (q returned)."""
         seq, lens = self.sequences(step)
+        sampling = self.request.sampling if self.request.sampling.do_sample else None
+        # repetition penalty context: [start] + generated (-1 padded), then the drafts
+        prev = seq if sampling is not None else None
         with torch.no_grad():
-            if self.request.sampling.do_sample:
-                tokens, probs = self._draft_sampled(seq, lens, int(step.gamma))
-                return DraftOutput(tokens=tokens, probs=probs)
-            tokens = self._greedy(seq, lens, int(step.gamma))
-        return DraftOutput(tokens=tokens)
+            tokens, scores = self._draft(seq, lens, int(step.gamma), sampling, prev)
+        return DraftOutput(tokens=tokens, probs=scores if sampling is not None else None)
 
     # ------------------------------------------------------------------ training
     def student(self) -> NeuralStudent:

@@ -19,7 +19,7 @@ import torch
 
 from fastspec import ops
 from fastspec.drafters.base import DraftOutput, Drafter, DraftRequest, DraftStep
-from fastspec.drafters.context import left_align, request_source
+from fastspec.drafters.context import request_source
 from fastspec.drafters.io import load_folder, save_folder
 
 
@@ -210,4 +210,4 @@ class PromptLookupDrafter(Drafter):
         return cls(max_n=max_n, min_n=min_n, fallback=fallback, **kwargs)
 
 
-__all__ = ["PromptLookupDrafter", "prompt_lookup_reference", "left_align"]
+__all__ = ["PromptLookupDrafter", "prompt_lookup_reference"]
