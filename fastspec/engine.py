@@ -360,6 +360,7 @@ class _TargetSession:
         self.time_s = 0.0
         self.verify_calls = 0
         self.verify_time_s = 0.0
+        self.block_start = 0  # cache length before the last verification block
         batch = input_ids.shape[0]
         self.rows = torch.arange(batch, device=self.device)
         self.keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -395,11 +396,14 @@ class _TargetSession:
                     )
                 self._tick(start)
 
-    def _tick(self, start):
+    def _tick(self, start) -> float:
+        """Count one target call that began at ``start``; returns its seconds."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.time_s += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.time_s += elapsed
         self.calls += 1
+        return elapsed
 
     @property
     def length(self) -> int:
@@ -431,9 +435,8 @@ class _TargetSession:
         start = time.perf_counter()
         with torch.no_grad():
             logits = self.model(past_key_values=self.cache, use_cache=True, **kwargs).logits
-        self._tick(start)
+        self.verify_time_s += self._tick(start)
         self.verify_calls += 1
-        self.verify_time_s += time.perf_counter() - start
         kept_from = width - logits.shape[1]  # 0 unless logits_to_keep trimmed the front
         index = first_index - kept_from
         if bool((index == index[0]).all()):
@@ -537,23 +540,22 @@ def generate(
             raise ValueError("seq2seq target without decoder_start_token_id")
         prompt_len = torch.ones(batch, dtype=torch.long, device=device)
         capacity = 1 + settings.max_new_tokens + max_gamma + 1
-        seq = torch.full((batch, capacity), settings.pad_token_id, dtype=torch.long, device=device)
+        seq = torch.zeros((batch, capacity), dtype=torch.long, device=device)  # scratch: any valid id
         seq[:, 0] = int(start_id)
     else:
         prompt_len = attention_mask.sum(-1)
         capacity = int(prompt_len.max()) + settings.max_new_tokens + max_gamma + 1
-        seq = torch.full((batch, capacity), settings.pad_token_id, dtype=torch.long, device=device)
+        seq = torch.zeros((batch, capacity), dtype=torch.long, device=device)  # scratch: any valid id
         # left-align the real prompt tokens of each row (any padding side)
         order = torch.argsort((attention_mask == 0).long(), dim=1, stable=True)
         aligned = input_ids.gather(1, order)
         width = input_ids.shape[1]
         seq[:, :width] = torch.where(
-            torch.arange(width, device=device) < prompt_len[:, None], aligned, settings.pad_token_id
+            torch.arange(width, device=device) < prompt_len[:, None], aligned, 0
         )
     seq_len = prompt_len.clone()
     generated = torch.full((batch, settings.max_new_tokens + max_gamma + 1), -1, dtype=torch.long, device=device)
     num_generated = torch.zeros(batch, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     eos_tensor = torch.tensor(settings.eos, dtype=torch.long, device=device) if settings.eos else None
 
     draft_time = 0.0
@@ -687,11 +689,10 @@ def generate(
             gen_index = num_generated[rows][:, None] + position
             generated[rows[:, None], gen_index] = committed
             seq[rows[:, None], (row_len[:, None] + position).clamp(max=capacity - 1)] = torch.where(
-                valid, output_tokens, settings.pad_token_id
+                valid, output_tokens, 0
             )
             seq_len[rows] = row_len + emitted
             num_generated[rows] = num_generated[rows] + emitted
-            finished[rows] = done
 
             if drafter is not None:
                 full_out = torch.full((batch, g + 1), -1, dtype=torch.long, device=device)
