@@ -10,7 +10,9 @@
 //           block scan in index order.
 // Maths (Leviathan et al. 2023): accept d_i iff u_i q_i(d_i) < p_i(d_i); at the first rejection
 // draw from norm(max(0, p_i - q_i)); if all γ are accepted draw the bonus from p_γ.
+#ifndef FASTSPEC_CUDA_EMULATION  // csrc/tests/test_verify_cuda_emulation.cpp runs these kernels on threads
 #include <cuda_runtime.h>
+#endif
 
 #include <cfloat>
 #include <cstdint>
@@ -21,9 +23,18 @@ namespace fastspec {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 512;
+#ifndef FASTSPEC_VERIFY_THREADS
+#define FASTSPEC_VERIFY_THREADS 512
+#endif
+constexpr int kThreads = FASTSPEC_VERIFY_THREADS;
 constexpr int kWarps = kThreads / 32;
-constexpr int kScanItems = 4;  // elements per thread per chunk of the inverse-CDF scan
+constexpr int kScanItems = 4;
+
+#ifdef __CUDACC__
+#define FASTSPEC_UNROLL _Pragma("unroll")
+#else
+#define FASTSPEC_UNROLL
+#endif  // elements per thread per chunk of the inverse-CDF scan
 
 __device__ __forceinline__ uint32_t order_key(float x) {
   x = x == 0.0f ? 0.0f : x;  // -0 == +0
@@ -207,7 +218,7 @@ __device__ int64_t inverse_cdf(int64_t vocab, double u, const Weight& weight, Sh
     const int64_t first = start + int64_t(threadIdx.x) * kScanItems;
     double items[kScanItems];
     double mine = 0.0;
-#pragma unroll
+FASTSPEC_UNROLL
     for (int j = 0; j < kScanItems; ++j) {
       items[j] = first + j < vocab ? weight(first + j) : 0.0;
       mine += items[j];
@@ -215,7 +226,7 @@ __device__ int64_t inverse_cdf(int64_t vocab, double u, const Weight& weight, Sh
     double chunk_total;
     double running = base + block_exclusive_scan(mine, sh, &chunk_total);
     int64_t found = INT64_MAX;
-#pragma unroll
+FASTSPEC_UNROLL
     for (int j = 0; j < kScanItems; ++j) {
       running += items[j];
       if (found == INT64_MAX && first + j < vocab && running > target) found = first + j;
@@ -610,6 +621,7 @@ __global__ void __launch_bounds__(kThreads) fused_verify_kernel(const float* log
 
 }  // namespace
 
+#ifndef FASTSPEC_CUDA_EMULATION
 cudaError_t launch_verify_greedy(const float* logits, const int64_t* draft, int64_t batch, int64_t gamma,
                                  int64_t vocab, int64_t* out, int64_t* num_accepted, int32_t* status,
                                  cudaStream_t stream) {
@@ -648,6 +660,8 @@ cudaError_t launch_fused_verify(const float* logits, const int64_t* draft, const
                                                                 status);
   return cudaGetLastError();
 }
+
+#endif  // FASTSPEC_CUDA_EMULATION
 
 }  // namespace cuda
 }  // namespace fastspec

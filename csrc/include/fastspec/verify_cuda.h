@@ -7,7 +7,9 @@
 // uniform falls within float64 rounding (~1e-16) of a decision boundary.
 #pragma once
 
+#ifndef FASTSPEC_CUDA_EMULATION
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
