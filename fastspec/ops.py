@@ -13,6 +13,9 @@ consume the same uniforms, so they give the same tokens and runs are reproducibl
 
 Every public op dispatches to ``fastspec._C`` (CPU or CUDA by the tensors' device) when it is
 built, else to the reference. The references are importable as ``fastspec.ops.reference.<op>``.
+Bad values found by a kernel (NaN/inf, unnormalised rows, ids outside [0, V)) raise RuntimeError;
+on CUDA that costs one copy of B status ints to the host per call (``FASTSPEC_CUDA_UNCHECKED=1``
+skips it). 16-bit and float64 inputs are read as their float32 values.
 """
 from __future__ import annotations
 
