@@ -47,7 +47,8 @@ def _extensions():
                 cpu_sources + cuda_sources,
                 include_dirs=include_dirs,
                 define_macros=[("FASTSPEC_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"] + gencode  # no fast-math: verify must match the CPU bit for bit},
+                # No --use_fast_math: the verify kernels must match the CPU core bit for bit.
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"] + gencode},
             )
         ]
     return [CppExtension("fastspec._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=cxx_flags)]
