@@ -1,0 +1,108 @@
+"""`fastspec demo`: the main job end to end on the real SmolLM2-135M + aclsum (--quick), and
+its verdict on a tiny saved target (exit status 1 when an output differs from AR)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRAFTER_ROWS = ["n-gram (pseudo)", "prompt lookup", "prompt lookup + n-gram", "LSTM (KD)", "ensemble"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == PNG
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    """The README's `fastspec demo`, quick mode, as a subprocess through the real CLI."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastspec.cli", "demo", "--quick", "--out", str(out), "--no_progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, log
+    assert "identical to autoregressive decoding (lossless)" in proc.stdout
+
+    results = json.load(open(out / "results.json"))
+    rows = {r["name"]: r for r in results["rows"]}
+    assert ["autoregressive", "HF generate"] + DRAFTER_ROWS == [r["name"] for r in results["rows"]]
+    # greedy speculative outputs are token-for-token those of AR, and AR equals HF generate
+    assert all(r["identical"] is True for r in results["rows"]), {n: r["identical"] for n, r in rows.items()}
+    assert all(r["identical"] is True for r in results["gamma_sweep"]["rows"])
+    ar_tokens = rows["autoregressive"]["new_tokens"]
+    assert ar_tokens > 0
+    for name in DRAFTER_ROWS:
+        row = rows[name]
+        assert row["new_tokens"] == ar_tokens
+        assert row["num_draft_tokens"] > 0 and 0.0 <= row["acceptance_rate"] <= 1.0
+        assert row["mean_accepted_length"] == pytest.approx(1 + row["num_accepted_tokens"] / row["num_steps"])
+        assert row["ideal_speedup"] > 0 and row["tokens_per_s"] > 0
+        assert len(row["per_position_acceptance"]) == 5
+    # summaries copy phrases from the abstract: prompt lookup must accept a real share of drafts
+    assert rows["prompt lookup"]["acceptance_rate"] > 0.2, rows["prompt lookup"]["acceptance_rate"]
+
+    report = (out / "report.md").read_text()
+    assert "| decoder | γ | α | τ | tokens/s | speedup vs AR | ideal speedup | identical to AR |" in report
+    for name in ["autoregressive"] + DRAFTER_ROWS:
+        line = next(l for l in report.splitlines() if l.startswith(f"| {name} |"))
+        assert line.rstrip().endswith("| yes |"), line
+    alpha = rows["prompt lookup"]["acceptance_rate"]
+    assert f"| prompt lookup | 5 | {alpha:.3f} |" in report
+    for png in ("per_position_acceptance.png", "speedup_vs_gamma.png"):
+        assert _is_png(out / png)
+
+
+@pytest.fixture(scope="module")
+def tiny_saved_target(tmp_path_factory):
+    from test_eval import save_tiny_target
+
+    return save_tiny_target(tmp_path_factory.mktemp("tiny_target"))
+
+
+def _demo_args(target, out):
+    from fastspec.cli import build_parser
+
+    return build_parser().parse_args([
+        "demo", "--target", target, "--out", str(out), "--num_train", "4", "--num_test", "2", "--max_new_tokens", "8",
+        "--lstm_steps", "2", "--no_hf", "--no_progress", "--no_cache",
+    ])
+
+
+def test_demo_on_local_target_writes_report(tiny_saved_target, tmp_path, monkeypatch):
+    from fastspec import demo
+
+    monkeypatch.setenv("FASTSPEC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert demo.main(_demo_args(tiny_saved_target, out)) == 0
+    results = json.load(open(out / "results.json"))
+    assert [r["name"] for r in results["rows"]] == ["autoregressive"] + DRAFTER_ROWS
+    assert all(r["identical"] is True for r in results["rows"])
+    assert _is_png(out / "per_position_acceptance.png") and _is_png(out / "speedup_vs_gamma.png")
+    assert (out / "pseudo" / "pseudo.jsonl").exists()
+
+
+def test_demo_exits_nonzero_when_outputs_differ(tiny_saved_target, tmp_path, monkeypatch, capsys):
+    """A speculative output that differs from AR must fail the demo (exit status 1)."""
+    import fastspec
+    from fastspec import demo, engine
+
+    real_generate = engine.generate
+
+    def corrupted(target, drafter=None, *args, **kwargs):
+        out = real_generate(target, drafter, *args, **kwargs)
+        if drafter is not None:
+            out.sequences[0, -1] = (out.sequences[0, -1] + 1) % 49152
+        return out
+
+    monkeypatch.setattr(engine, "generate", corrupted)
+    monkeypatch.setattr(fastspec, "generate", corrupted, raising=False)
+    monkeypatch.setenv("FASTSPEC_CACHE", str(tmp_path / "cache"))
+    assert demo.main(_demo_args(tiny_saved_target, tmp_path / "demo")) == 1
+    assert "ERROR: greedy outputs differ" in capsys.readouterr().out
