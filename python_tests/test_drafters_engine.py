@@ -101,7 +101,8 @@ def _make(kind, setup):
 def test_greedy_lossless_in_engine(kind, target, setups):
     model, ids, mask, ref = setups[target][:4]
     drafter = _make(kind, setups[target])
-    for gamma in (1, 4):
+    # γ = 1 (one draft per step) for the stateful drafters, whose rollback it stresses most
+    for gamma in ((1, 4) if kind in ("lstm", "hf", "layer_skip") else (4,)):
         out = fastspec.generate(model, drafter, ids, mask, gamma=gamma, max_new_tokens=MAX_NEW, pad_token_id=0)
         assert torch.equal(out.sequences, ref), (kind, target, gamma)
     if kind in ("ngram", "prompt_lookup_ngram", "cnn", "lstm"):
