@@ -5,7 +5,8 @@
 * causal drafter (for a causal target): steps on ``prompt + generated``.
 
 The cache holds, per row, the drafter's input sequence from column 0 with no holes (T5's relative
-position bias needs that). Before each draft the cache is cropped to the longest prefix that is
+position bias needs that); causal rows are left-padded once so that prompts of different lengths
+end in the same column (masked, explicit position ids). Before each draft the cache is cropped to the longest prefix that is
 still valid for EVERY row (the cached tokens are remembered and compared with the committed
 sequence), which is also the rollback after rejection; ``commit`` needs no work. Ragged rows are
 then advanced in LOCKSTEP: one common block for the columns every row has, then one token per
@@ -73,16 +74,27 @@ class HFDrafter(Drafter):
                 )
         self._cache = new_cache(self.model)
         batch = request.source_ids.shape[0]
+        # Causal rows start with prompts of different lengths: left-pad them (masked, with
+        # position ids) so every prompt ends in the same column and the first draft is one block.
+        self._pad = torch.zeros(batch, dtype=torch.long, device=self._device)
+        if self._source is not None:
+            prompt_len = self._source[1].to(self._device)
+            self._pad = prompt_len.max() - prompt_len
         self._cached_tokens = torch.empty(batch, 0, dtype=torch.long, device=self._device)  # [B,C]
         self._generator = self.generator if self.generator is not None else request.generator
 
-    def _forward(self, block: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """Feed block [B,w] at the end of the cache; returns float logits [B,w or 1,V]."""
+    def _forward(self, seq: torch.Tensor, start: int, stop: int, last_only: bool) -> torch.Tensor:
+        """Feed columns [start, stop) of seq [B,W] (cache length == start); float logits [B,w or 1,V]."""
+        block = seq[:, start:stop].clamp(min=0)  # left pads (-1) read token 0, masked below
         kwargs = dict(past_key_values=self._cache, use_cache=True)
         if self.is_encoder_decoder:
             kwargs.update(decoder_input_ids=block, encoder_outputs=self._encoder_outputs, attention_mask=self._source_mask)
         else:
             kwargs.update(input_ids=block)
+            if bool((self._pad > 0).any()):
+                columns = torch.arange(stop, device=self._device)
+                kwargs["attention_mask"] = (columns[None, :] >= self._pad[:, None]).long()  # [B,stop]
+                kwargs["position_ids"] = (columns[None, start:] - self._pad[:, None]).clamp(min=0)  # [B,w]
             if last_only and self._keep_logits:
                 kwargs["logits_to_keep"] = 1
         with torch.no_grad():
@@ -110,6 +122,12 @@ class HFDrafter(Drafter):
         seq, lens = decoder_sequences(self.request, step, self._source, extra=gamma)  # [B,M+γ], [B]
         seq, lens = seq.to(self._device), lens.to(self._device)
         batch = seq.shape[0]
+        if bool((self._pad > 0).any()):  # shift row b right by pad[b] (columns are cache positions)
+            columns = torch.arange(seq.shape[1] + int(self._pad.max()), device=self._device)
+            source_col = columns[None, :] - self._pad[:, None]  # [B,W']
+            inside = (source_col >= 0) & (source_col < seq.shape[1])
+            seq = torch.where(inside, seq.gather(1, source_col.clamp(0, seq.shape[1] - 1)), -1)
+            lens = lens + self._pad
 
         # Roll back: keep the longest cached prefix valid for every row (at least 1 token left to feed).
         width = min(self._cached_tokens.shape[1], seq.shape[1])
@@ -133,10 +151,10 @@ class HFDrafter(Drafter):
                 rows = (drafting & (index < gamma)).nonzero().flatten()
                 probs[rows, index[rows]] = q[rows]
 
-        logits = self._forward(seq[:, keep:low], last_only=True)
+        logits = self._forward(seq, keep, low, last_only=True)
         take(logits[:, -1], low - 1)
         for column in range(low, end):
-            logits = self._forward(seq[:, column : column + 1], last_only=True)
+            logits = self._forward(seq, column, column + 1, last_only=True)
             take(logits[:, -1], column)
         fed = max(end, low)
         self._cached_tokens = seq[:, :fed].clone()
