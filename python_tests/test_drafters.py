@@ -541,3 +541,17 @@ def test_drafter_config_is_plain_json(tmp_path):
     meta = json.load(open(tmp_path / "l" / "config.json"))
     assert meta["kind"] == "lstm" and meta["config"]["model"]["hidden_size"] == 20
     assert set(os.listdir(tmp_path / "l")) == {"config.json", "model.safetensors"}
+
+
+def test_ngram_fits_on_a_pseudo_dataset(tmp_path):
+    """The seed's key idea: the n-gram learns the TARGET's outputs (fastspec pseudo's pseudo.jsonl)."""
+    records = [{"index": i, "source_ids": [5, 6], "output_ids": [10 + i, 20, 21, 22, 23], "reference_ids": [9, 9]}
+               for i in range(3)]
+    with open(tmp_path / "pseudo.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    drafter = NgramDrafter(n=2, vocab_size=V, smoothing=0.0, start_token_id=0).fit_pseudo_dataset(str(tmp_path))
+    drafter.begin(_request(torch.tensor([[5, 6]])))
+    assert drafter.draft(_step([[11, 20]], 3)).tokens.tolist() == [[21, 22, 23]]
+    with pytest.raises(ValueError):
+        NgramDrafter(n=2, vocab_size=V).fit_pseudo_dataset(str(tmp_path / "missing"))
