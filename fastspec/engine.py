@@ -362,7 +362,13 @@ class _TargetSession:
         self.block_start = 0  # cache length before the last verification block
         batch = input_ids.shape[0]
         self.rows = torch.arange(batch, device=self.device)
-        self.keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self.keep_logits = "logits_to_keep" in parameters
+        self.takes_positions = "position_ids" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+        )
+        if not self.is_seq2seq and not self.takes_positions and bool((attention_mask == 0).any()):
+            raise ValueError(f"{type(model).__name__} takes no position_ids, so padded batches are unsupported")
         if self.is_seq2seq:
             start = time.perf_counter()
             with torch.no_grad():
@@ -388,7 +394,7 @@ class _TargetSession:
                     model(
                         input_ids=input_ids[:, :prefill],
                         attention_mask=self.prefix_mask,
-                        position_ids=position_ids,
+                        **({"position_ids": position_ids} if self.takes_positions else {}),
                         past_key_values=self.cache,
                         use_cache=True,
                         **({"logits_to_keep": 1} if self.keep_logits else {}),
@@ -426,8 +432,9 @@ class _TargetSession:
             kwargs = dict(
                 input_ids=block,
                 attention_mask=torch.cat([self.prefix_mask, ones], dim=1),  # [b, L+W]
-                position_ids=self.cached[:, None] + torch.arange(width, device=self.device),  # [b,W]
             )
+            if self.takes_positions:
+                kwargs["position_ids"] = self.cached[:, None] + torch.arange(width, device=self.device)  # [b,W]
             if self.keep_logits:
                 kwargs["logits_to_keep"] = width - offset
         self.block_start = self.length
