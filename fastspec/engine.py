@@ -612,9 +612,14 @@ def generate(
                 )
                 draft_time += time.perf_counter() - start
                 num_draft_calls += 1
-                draft_tokens = draft.tokens.to(device=device, dtype=torch.long)[rows]  # [b,γ]
-                if tuple(draft_tokens.shape) != (b, g):
-                    raise ValueError(f"drafter returned tokens of shape {tuple(draft.tokens.shape)}, want [B,{g}]")
+                draft_tokens = draft.tokens.to(device=device, dtype=torch.long)[rows]  # [b,k], k ≤ γ
+                if draft_tokens.dim() != 2 or draft_tokens.shape[0] != b or not 0 <= draft_tokens.shape[1] <= g:
+                    raise ValueError(
+                        f"drafter returned tokens of shape {tuple(draft.tokens.shape)}, want [B,k] with k <= γ={g}"
+                    )
+                # A drafter may decline to guess past k tokens (e.g. prompt lookup with no match):
+                # verifying fewer positions is cheaper and changes nothing about losslessness.
+                g = int(draft_tokens.shape[1])
                 if bool((draft_tokens < 0).any()) or bool((draft_tokens >= vocab).any()):
                     raise ValueError("drafter returned token ids outside the target vocabulary")
                 draft_probs = None
@@ -724,7 +729,7 @@ def generate(
                     session.rows = session.rows[:0]
 
             # dynamic γ: +1 after full acceptance by every row, −1 after an early rejection
-            if settings.dynamic_gamma and g > 0:
+            if settings.dynamic_gamma and g > 0 and g == gamma_now:
                 if bool((num_accepted == g).all()):
                     gamma_now = min(g + 1, settings.max_gamma)
                 elif bool((num_accepted < g).all()):

@@ -66,11 +66,28 @@ def test_bad_drafter_output_raises(tiny_llama, llama_prompt):
     class Broken(RandomDrafter):
         def draft(self, step):
             out = super().draft(step)
-            out.tokens = out.tokens[:, :1]
+            out.tokens = torch.cat([out.tokens, out.tokens[:, :1]], dim=1)  # γ+1 tokens: more than asked
             return out
 
     with pytest.raises(ValueError, match="drafter returned"):
         fastspec.generate(tiny_llama, Broken(), llama_prompt, gamma=3, max_new_tokens=4)
+
+
+def test_short_drafts_are_verified_losslessly(tiny_llama, llama_prompt):
+    """A drafter may return k < γ tokens (k = 0 included): the engine verifies k+1 positions."""
+
+    class Short(RandomDrafter):
+        def draft(self, step):
+            out = super().draft(step)
+            self.calls = getattr(self, "calls", 0) + 1
+            return type(out)(tokens=out.tokens[:, : self.calls % 3])  # widths 1, 2, 0, 1, ...
+
+    ours = fastspec.generate(tiny_llama, Short(seed=0, deterministic=True), llama_prompt, gamma=3, max_new_tokens=12)
+    hf = tiny_llama.generate(
+        input_ids=llama_prompt, attention_mask=torch.ones_like(llama_prompt), do_sample=False, max_new_tokens=12
+    )
+    assert torch.equal(ours.sequences, hf)
+    assert ours.metrics.num_steps >= 12 // 3
 
 
 def test_generation_config_merge_like_hf(tiny_llama, llama_prompt):

@@ -76,7 +76,11 @@ class DraftStep:
 
 @dataclass
 class DraftOutput:
-    """tokens: [B,γ] int64 in [0, V).  probs: [B,γ,V] float32 q, or None if deterministic."""
+    """tokens: [B,k] int64 in [0, V) with 0 ≤ k ≤ γ.  probs: [B,k,V] float32 q, or None if deterministic.
+
+    k < γ means the drafter declines to guess further this step (k = 0: a plain target step);
+    the engine then verifies only k + 1 positions, which is cheaper and equally lossless.
+    """
 
     tokens: torch.Tensor
     probs: Optional[torch.Tensor] = None

@@ -126,9 +126,12 @@ class PromptLookupDrafter(Drafter):
             if self.fallback is not None:
                 tokens, probs = self._fill_with_fallback(step, tokens, num)
             else:
-                # No match: repeat the last known token (a cheap guess; the target corrects it).
+                # Draft only as far as the longest match among active rows (fewer verified positions);
+                # shorter rows repeat their last known token there (a cheap guess the target corrects).
+                active = step.active.cpu()
+                width = int(num[active].max()) if bool(active.any()) else 0
                 last = self._last_tokens(step)
-                tokens = torch.where(tokens < 0, last[:, None], tokens)
+                tokens = torch.where(tokens < 0, last[:, None], tokens)[:, :width]
         tokens = tokens.to(device)
         if not self.deterministic and probs is None:
             probs = torch.nn.functional.one_hot(tokens, self._vocab).float()
