@@ -10,7 +10,7 @@ The table (α, τ, tokens/s, ratios, ideal) is printed, stored in ``benchmark.ex
 
 Run:  python -m pytest bench/bench_e2e.py -s --benchmark-only   (see bench/README.md)
 Knobs: FASTSPEC_BENCH_PROMPTS (default 3), FASTSPEC_BENCH_ROUNDS (default 3),
-       FASTSPEC_BENCH_NEW_TOKENS (default 64).
+       FASTSPEC_BENCH_NEW_TOKENS (default 64), FASTSPEC_BENCH_WARMUP (default 1 round).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from fastspec.eval import AR_NAME, Decoder, decode_all, encode_prompts, hf_gener
 NUM_PROMPTS = int(os.environ.get("FASTSPEC_BENCH_PROMPTS", "3"))
 ROUNDS = int(os.environ.get("FASTSPEC_BENCH_ROUNDS", "3"))
 NEW_TOKENS = int(os.environ.get("FASTSPEC_BENCH_NEW_TOKENS", "64"))
+WARMUP = int(os.environ.get("FASTSPEC_BENCH_WARMUP", "1"))  # unrecorded warm-up rounds
 GAMMA = 5
 EARLY_EXIT_LAYERS = 4  # the HF assistant / HFDrafter: the target's first layers + its head
 OUT_DIR = os.environ.get("FASTSPEC_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
@@ -101,7 +102,8 @@ def interleaved_rounds(benchmark, target, decoders, prompts, generate_kwargs, ro
         per_round.append(decode_all(target, decoders, prompts, max_new_tokens=NEW_TOKENS, gamma=GAMMA,
                                     generate_kwargs=generate_kwargs, progress=False))
 
-    one_round()  # warm-up (allocator, caches, lazy imports); not recorded
+    for _ in range(WARMUP):  # warm-up (allocator, oneDNN kernels, lazy imports); not recorded
+        one_round()
     per_round.clear()
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
     return per_round
