@@ -46,6 +46,8 @@ class Decoder:
     # Another generator to compare with, e.g. HF generate: fn(input_ids [1,S], max_new_tokens, **kwargs)
     # -> sequences [1,T] like HF generate(). It reports no speculative metrics.
     generate_fn: Optional[Callable[..., torch.Tensor]] = None
+    # per-decoder engine options on top of the shared ones, e.g. {"dynamic_gamma": True, "min_gamma": 1}
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 def hf_generate_decoder(model, name: str = "HF generate", **hf_kwargs) -> Decoder:
@@ -204,7 +206,8 @@ def decode_all(
                 sequences, metrics = d.generate_fn(input_ids, max_new_tokens, **kwargs), {}
             else:
                 extra = {} if d.drafter is None else {"gamma": runs[d.name].gamma}
-                out = fastspec.generate(target, d.drafter, input_ids=input_ids, max_new_tokens=max_new_tokens, **extra, **kwargs)
+                out = fastspec.generate(target, d.drafter, input_ids=input_ids, max_new_tokens=max_new_tokens, **extra,
+                                        **{**kwargs, **d.options})
                 sequences, metrics = out.sequences, dict(out.metrics)
             wall = time.perf_counter() - start
             runs[d.name].add(new_tokens_of(sequences, input_ids.shape[1], is_encoder_decoder), metrics, wall)
