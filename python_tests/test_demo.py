@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fastspec_subprocess import PACKAGE_ROOT as REPO, subprocess_env  # the fastspec under test
 DRAFTER_ROWS = ["n-gram (pseudo)", "prompt lookup", "prompt lookup + n-gram", "LSTM (KD)", "ensemble"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -21,7 +21,7 @@ def _is_png(path):
 def test_demo_quick_end_to_end(tmp_path):
     """The README's `fastspec demo`, quick mode, as a subprocess through the real CLI."""
     out = tmp_path / "demo"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, "-m", "fastspec.cli", "demo", "--quick", "--out", str(out), "--no_progress"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
@@ -106,3 +106,17 @@ def test_demo_exits_nonzero_when_outputs_differ(tiny_saved_target, tmp_path, mon
     monkeypatch.setenv("FASTSPEC_CACHE", str(tmp_path / "cache"))
     assert demo.main(_demo_args(tiny_saved_target, tmp_path / "demo")) == 1
     assert "ERROR: greedy outputs differ" in capsys.readouterr().out
+
+
+def test_dataset_spec_for_flan_t5_users(tmp_path):
+    """`--dataset cnn_dailymail:/path` reaches the CNN/DM loader with the path; aclsum specs pass through."""
+    from fastspec.data import load_examples
+    from fastspec.demo import _dataset_spec
+
+    assert _dataset_spec("aclsum") == "aclsum" and _dataset_spec("aclsum:introduction") == "aclsum:introduction"
+    path = tmp_path / "cnndm.jsonl"
+    path.write_text(json.dumps({"article": "A long article about a cat.", "highlights": "Cat story."}) + "\n")
+    spec = _dataset_spec(f"cnn_dailymail:{path}")
+    assert spec == str(path)
+    examples = load_examples(spec, split="train")
+    assert [(e.source, e.reference) for e in examples] == [("A long article about a cat.", "Cat story.")]
