@@ -13,7 +13,7 @@ import torch
 from distill_helpers import t5_tokenizer_dir, tiny_t5
 from fastspec.cli import main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fastspec_subprocess import PACKAGE_ROOT as REPO, subprocess_env  # the fastspec under test
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def _run_cli(argv, capsys):
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     return env
 
