@@ -40,7 +40,7 @@ class DemoSize:
     sweep_gammas: tuple
 
 
-FULL = DemoSize(num_train=32, pseudo_max_new_tokens=64, num_test=6, max_new_tokens=64, lstm_steps=120,
+FULL = DemoSize(num_train=32, pseudo_max_new_tokens=64, num_test=5, max_new_tokens=64, lstm_steps=80,
                 sweep_prompts=2, sweep_gammas=(1, 2, 3, 5, 8))
 QUICK = DemoSize(num_train=8, pseudo_max_new_tokens=32, num_test=2, max_new_tokens=32, lstm_steps=20,
                  sweep_prompts=1, sweep_gammas=(1, 3, 6))
