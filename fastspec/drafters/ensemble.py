@@ -63,7 +63,8 @@ class EnsembleDrafter(Drafter):
     def reset_stats(self) -> None:
         k = len(self.drafters)
         self.pulls = [0] * k
-        self.reward_sum = [0.0] * k
+        self.reward_sum = [0.0] * k  # cost-aware: Σ emitted tokens; else Σ β
+        self.seconds_sum = [0.0] * k  # cost-aware: Σ step seconds
         self.accepted_sum = [0.0] * k
         self.draft_tokens = [0] * k
         self.history: List[int] = []  # chosen arm per step
@@ -72,7 +73,7 @@ class EnsembleDrafter(Drafter):
         for arm, n in enumerate(self.pulls):
             if n == 0:
                 return arm
-        means = [s / n for s, n in zip(self.reward_sum, self.pulls)]
+        means = self._mean_rewards()
         best = max(means) or 1.0
         total = sum(self.pulls)
         scores = [
@@ -110,8 +111,9 @@ class EnsembleDrafter(Drafter):
         active = info.active.bool()
         accepted = float(info.num_accepted[active].float().mean()) if bool(active.any()) else 0.0
         if self.cost_aware:
-            seconds = self.costs[arm] if self.costs is not None else draft_s + verify_s
-            reward = (1.0 + accepted) / max(seconds, 1e-9)
+            # tokens/s as a ratio of sums: one preempted step cannot sink an arm's estimate
+            self.seconds_sum[arm] += self.costs[arm] if self.costs is not None else draft_s + verify_s
+            reward = 1.0 + accepted
         else:
             reward = accepted / max(gamma, 1)
         self.pulls[arm] += 1
@@ -119,6 +121,11 @@ class EnsembleDrafter(Drafter):
         self.accepted_sum[arm] += accepted
         self.draft_tokens[arm] += gamma
         self.drafters[arm].commit(info)
+
+    def _mean_rewards(self) -> List[float]:
+        if self.cost_aware:
+            return [r / max(t, 1e-9) if n else 0.0 for r, t, n in zip(self.reward_sum, self.seconds_sum, self.pulls)]
+        return [r / n if n else 0.0 for r, n in zip(self.reward_sum, self.pulls)]
 
     def end(self) -> None:
         for d in self.drafters:
@@ -128,12 +135,8 @@ class EnsembleDrafter(Drafter):
     def stats(self) -> dict:
         """Per arm: pulls, mean reward, acceptance rate α."""
         return {
-            name: {
-                "pulls": n,
-                "mean_reward": (r / n) if n else 0.0,
-                "alpha": (a / t * 1.0) if t else 0.0,
-            }
-            for name, n, r, a, t in zip(self.names, self.pulls, self.reward_sum, self.accepted_sum, self.draft_tokens)
+            name: {"pulls": n, "mean_reward": m, "alpha": (a / t) if t else 0.0}
+            for name, n, m, a, t in zip(self.names, self.pulls, self._mean_rewards(), self.accepted_sum, self.draft_tokens)
         }
 
     # ------------------------------------------------------------------ save / load
