@@ -18,8 +18,8 @@ def __getattr__(name):
         from fastspec.ngram import NgramTable
 
         return NgramTable
-    if name == "drafters":
-        import fastspec.drafters as drafters
+    if name in ("drafters", "targets", "engine", "ngram", "data", "distill", "eval", "demo", "report", "cli"):
+        import importlib
 
-        return drafters
+        return importlib.import_module(f"fastspec.{name}")
     raise AttributeError(f"module 'fastspec' has no attribute {name!r}")
