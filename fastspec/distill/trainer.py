@@ -514,7 +514,10 @@ def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progr
         if config.out_dir:
             folder = os.path.join(config.out_dir, "drafter")
             drafter.save(folder)
-            stamp_training(folder, training_metadata(config, ngram_n=ngram_n))
+            meta = training_metadata(config, ngram_n=ngram_n)
+            if config.kd_loss > 0:  # counts of the target's outputs: sequence-level KD, whatever --distill_method says
+                meta["distill_method"] = "seq_kd"
+            stamp_training(folder, meta)
         return drafter
     student = build_student(config.drafter, model, init_from=init_from, options=drafter_options, seed=config.seed)
     info = dist_info or DistInfo(0, 1, 0, torch.device("cpu"))
