@@ -81,14 +81,6 @@ class ExitHeadStudent:
 
 def load_layerskip_drafter(folder: str, target):
     """A LayerSkipDrafter with the fine-tuned exit head of ``folder`` (if it has one)."""
-    from fastspec.drafters.io import load_folder
     from fastspec.drafters.layer_skip import LayerSkipDrafter
 
-    config, tensors = load_folder(folder, "layer_skip")
-    drafter = LayerSkipDrafter(target, int(config["num_layers"]))
-    if config.get("exit_head"):
-        try:
-            attach_exit_head(drafter.model, tensors)
-        except RuntimeError as err:
-            raise ValueError(f"{folder}: the exit head does not fit this target: {err}") from None
-    return drafter
+    return LayerSkipDrafter.load(folder, target=target)

@@ -86,14 +86,22 @@ class LayerSkipDrafter(HFDrafter):
 
     @classmethod
     def load(cls, folder: str, target=None, **kwargs) -> "LayerSkipDrafter":
-        config, _ = load_folder(folder, "layer_skip")
+        config, tensors = load_folder(folder, "layer_skip")
         if target is None:
             raise ValueError("LayerSkipDrafter.load needs target=: the drafter is the target's own first layers")
         try:
             num_layers = int(config["num_layers"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"corrupted layer-skip config in {folder!r}: {e}") from None
-        return cls(target, num_layers, **kwargs)
+        drafter = cls(target, num_layers, **kwargs)
+        if config.get("exit_head"):  # fine-tuned by `fastspec train --drafter layerskip`
+            from fastspec.distill.layerskip import attach_exit_head
+
+            try:
+                attach_exit_head(drafter.model, tensors)
+            except RuntimeError as err:
+                raise ValueError(f"{folder}: the exit head does not fit this target: {err}") from None
+        return drafter
 
 
 __all__ = ["LayerSkipDrafter", "truncated_view"]
