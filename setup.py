@@ -75,6 +75,7 @@ setup(
         "tqdm",
         "matplotlib",
         "rouge-score",
+        "sacremoses",
         "gguf",
         "accelerate",
     ],

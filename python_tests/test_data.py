@@ -118,7 +118,11 @@ def test_aclsum():
     assert len(train) == 100 and len(load_aclsum("val")) == 50 and len(load_aclsum("test")) == 100
     first = train[0]
     assert first.id == "P06-1112"
-    assert first.source.startswith("In this paper , we explore correlation of dependency relation paths")
+    # detokenized by default (the stored text is "In this paper , we ..."), raw on request
+    assert first.source.startswith("In this paper, we explore correlation of dependency relation paths")
+    raw = load_aclsum("train", detokenize=False, limit=1)[0]
+    assert raw.source.startswith("In this paper , we explore correlation of dependency relation paths")
+    assert " , " in raw.source and " , " not in first.source and first.source.count(".") == raw.source.count(".")
     assert first.reference.startswith("A generally accessible NER system") and "They propose a statistical method" in first.reference
     outcome = load_examples("aclsum:conclusion:outcome", "test")
     assert len(outcome) == 100 and outcome[0].reference == load_aclsum("test", "conclusion", ("outcome",))[0].reference

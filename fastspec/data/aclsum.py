@@ -3,6 +3,10 @@
 Task: the ``source`` section of a paper (abstract, introduction or conclusion) -> the
 summary sentence(s) of the chosen aspects (challenge, approach, outcome), joined by a
 space in that order. The 250 full papers under ``paper_jsons/`` are unlabeled text.
+
+aclsum's sentences are stored tokenized ("Machine Translation ( MT ) systems ."); by default
+they are detokenized with the Moses detokenizer (sacremoses), because a target writes
+"(MT) systems." and prompt lookup can only copy what the source spells the same way.
 """
 from __future__ import annotations
 
@@ -13,6 +17,13 @@ import os
 from typing import List, Optional, Sequence
 
 from fastspec.data.example import DataError, Example
+
+
+def _detokenize(sentences: Sequence[str]) -> str:
+    from sacremoses import MosesDetokenizer
+
+    detok = MosesDetokenizer(lang="en")
+    return " ".join(detok.detokenize(sentence.split()) for sentence in sentences)
 
 SECTIONS = ("abstract", "introduction", "conclusion")
 ASPECTS = ("challenge", "approach", "outcome")
@@ -33,6 +44,7 @@ def load_aclsum(
     source: str = "abstract",
     aspects: Sequence[str] = ASPECTS,
     limit: Optional[int] = None,
+    detokenize: bool = True,
 ) -> List[Example]:
     """Labeled aclsum examples. ``split`` in train/val/test (``validation`` means val)."""
     split = {"validation": "val", "dev": "val"}.get(split, split)
@@ -52,7 +64,7 @@ def load_aclsum(
             examples.append(
                 Example(
                     id=row["id"],
-                    source=" ".join(row["sentences"][source]),
+                    source=_detokenize(row["sentences"][source]) if detokenize else " ".join(row["sentences"][source]),
                     reference=" ".join(row["summary"][a] for a in aspects),
                 )
             )
