@@ -15,7 +15,6 @@ import importlib
 import json
 import os
 import sys
-import time
 from typing import List, Optional
 
 DRAFTERS = ("ngram", "cnn", "lstm", "t5small", "hf", "layerskip")
@@ -247,7 +246,7 @@ def cmd_pseudo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fastspec.distill.trainer import TrainConfig, TrainingError, train_from_cli
+    from fastspec.distill.trainer import TrainingError, train_from_cli
 
     try:
         drafter_kwargs = json.loads(args.drafter_config)

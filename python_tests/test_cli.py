@@ -1,7 +1,6 @@
 """`fastspec` CLI end to end on a tiny FLAN-T5-architecture target saved to disk (real T5
 tokenizer, aclsum data): pseudo (+ kill/resume, + torchrun), train, generate, error paths."""
 import json
-import os
 import signal
 import subprocess
 import sys

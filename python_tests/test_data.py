@@ -1,7 +1,6 @@
 """Data loaders (CNN/DM in all three on-disk forms, aclsum) and prompt tokenization."""
 import csv
 import json
-import os
 
 import pytest
 

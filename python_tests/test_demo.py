@@ -1,12 +1,10 @@
 """`fastspec demo`: the main job end to end on the real SmolLM2-135M + aclsum (--quick), and
 its verdict on a tiny saved target (exit status 1 when an output differs from AR)."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from fastspec_subprocess import PACKAGE_ROOT as REPO, subprocess_env  # the fastspec under test
 DRAFTER_ROWS = ["n-gram (pseudo)", "prompt lookup", "prompt lookup + n-gram", "LSTM (KD)", "ensemble"]

@@ -9,7 +9,6 @@ saved as the drafter folder's ``model.safetensors`` (``exit_head: true`` in its 
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 

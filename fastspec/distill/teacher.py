@@ -6,7 +6,7 @@ through here, so both model kinds are handled in one place.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
