@@ -56,7 +56,8 @@ def unflatten_optimizer_state(tensors: Dict[str, torch.Tensor], meta_json: str) 
     return {"state": state, "param_groups": groups}
 
 
-def _atomic_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
+    """Write-then-rename, fsynced: readers (and a resumed run) never see a half-written file."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -93,7 +94,7 @@ def save_checkpoint(
     if os.path.exists(final):  # a re-run of the same step: replace the old one
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_text(os.path.join(ckpt_root, LATEST), name + "\n")
+    atomic_write_text(os.path.join(ckpt_root, LATEST), name + "\n")
     existing = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-"))
     for old in existing[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)

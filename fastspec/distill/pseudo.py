@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fastspec.distill.checkpoint import atomic_write_text
 from fastspec.distill.distributed import DistInfo, barrier
 from fastspec.distill.teacher import (
     eos_token_ids,
@@ -82,15 +83,6 @@ def _fingerprint(sources: Sequence[SourceRecord]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def shard_paths(out_dir: str, rank: int, world_size: int):
     stem = os.path.join(out_dir, "shards", f"part-{rank:05d}-of-{world_size:05d}")
     return stem + ".jsonl", stem + ".cursor.json"
@@ -131,7 +123,7 @@ def _check_meta(out_dir: str, meta: dict, is_main: bool) -> None:
             )
     elif is_main:
         os.makedirs(out_dir, exist_ok=True)
-        _atomic_write_text(path, json.dumps(meta, indent=1, sort_keys=True))
+        atomic_write_text(path, json.dumps(meta, indent=1, sort_keys=True))
 
 
 def _read_cursor(cursor_path: str, shard_path: str) -> dict:
@@ -263,7 +255,7 @@ def generate_pseudo_dataset(
                 "records": cursor["records"] + len(batch),
                 "bytes": shard.tell(),
             }
-            _atomic_write_text(cursor_path, json.dumps(cursor))
+            atomic_write_text(cursor_path, json.dumps(cursor))
             bar.update(1)
             if on_batch_done is not None:
                 on_batch_done(batch_index)
@@ -296,7 +288,7 @@ def merge_shards(out_dir: str) -> str:
     if missing:
         raise PseudoDatasetError(f"{out_dir}: {len(missing)} records missing (first: {missing[:5]}); rerun to finish")
     merged = os.path.join(out_dir, MERGED_NAME)
-    _atomic_write_text(merged, "".join(by_index[i] for i in range(num_records)))
+    atomic_write_text(merged, "".join(by_index[i] for i in range(num_records)))
     return merged
 
 

@@ -29,7 +29,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastspec.distill.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastspec.distill.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fastspec.distill.distributed import DistInfo
 from fastspec.distill.losses import DIVERGENCES, divergence, masked_cross_entropy
 from fastspec.distill.teacher import hf_model, teacher_forced_logits
@@ -451,10 +457,7 @@ def stamp_training(folder: str, training: dict) -> None:
         from fastspec.drafters.io import _config_digest
 
         meta["config_sha256"] = _config_digest(meta)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(meta, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True))
 
 
 def acceptance_eval_fn(target, student, prompts: Sequence[Sequence[int]], *, gamma: int, max_new_tokens: int, device):
