@@ -200,6 +200,20 @@ int64_t sample_residual(int64_t vocab, double u, const Prob& prob, const DraftPr
   return token < 0 ? 0 : token;
 }
 
+// The token after `accepted` drafts: the bonus from p when all γ were accepted, else the
+// recovered token from norm(max(0, p - q)) with q one-hot at the draft (q == nullptr) or q's row.
+template <class Prob>
+int64_t sample_after_accepted(int64_t accepted, int64_t gamma, int64_t vocab, double u, const Prob& prob,
+                              const int64_t* draft, const float* q) {
+  if (accepted == gamma) return sample_residual(vocab, u, prob, [](int64_t) { return 0.0; });
+  if (q == nullptr) {
+    const int64_t d = draft[accepted];
+    return sample_residual(vocab, u, prob, [d](int64_t v) { return v == d ? 1.0 : 0.0; });
+  }
+  const float* q_row = q + accepted * vocab;
+  return sample_residual(vocab, u, prob, [q_row](int64_t v) { return double(q_row[v]); });
+}
+
 inline float penalize(float x, float penalty) { return x < 0.0f ? x * penalty : x / penalty; }
 
 // The ids a position has seen for the repetition penalty: prev (ids outside [0,V) ignored) and
@@ -406,16 +420,7 @@ int32_t verify_sample_row(const float* p, const float* q, const int64_t* draft, 
   }
   const float* p_row = p + accepted * vocab;
   auto prob = [&](int64_t v) { return double(p_row[v]); };
-  int64_t token;
-  if (accepted == gamma) {
-    token = sample_residual(vocab, u[gamma], prob, [](int64_t) { return 0.0; });
-  } else if (q == nullptr) {
-    const int64_t d = draft[accepted];
-    token = sample_residual(vocab, u[gamma], prob, [d](int64_t v) { return v == d ? 1.0 : 0.0; });
-  } else {
-    const float* q_row = q + accepted * vocab;
-    token = sample_residual(vocab, u[gamma], prob, [q_row](int64_t v) { return double(q_row[v]); });
-  }
+  const int64_t token = sample_after_accepted(accepted, gamma, vocab, u[gamma], prob, draft, q);
   write_output(draft, gamma, accepted, token, out, num_accepted);
   return kStatusOk;
 }
@@ -483,17 +488,11 @@ int32_t fused_verify_row(const float* logits, const int64_t* draft, const float*
   double* w = ws.weights.data();
   normalize(w, vocab, norm);
   auto prob = [w](int64_t v) { return w[v]; };
-  int64_t token;
-  if (accepted == gamma) {
-    token = sample_residual(vocab, u[gamma], prob, [](int64_t) { return 0.0; });
-  } else if (q == nullptr) {
-    const int64_t d = draft[accepted];
-    token = sample_residual(vocab, u[gamma], prob, [d](int64_t v) { return v == d ? 1.0 : 0.0; });
-  } else {
-    const float* q_row = q + accepted * vocab;
-    if (int32_t s = check_prob_row(q_row, vocab, q_sum_tolerance, kBadDraftProbs, kDraftNotNormalized)) return s;
-    token = sample_residual(vocab, u[gamma], prob, [q_row](int64_t v) { return double(q_row[v]); });
+  if (accepted < gamma && q != nullptr) {  // the rejected position's q is read in full: check it first
+    if (int32_t s = check_prob_row(q + accepted * vocab, vocab, q_sum_tolerance, kBadDraftProbs, kDraftNotNormalized))
+      return s;
   }
+  const int64_t token = sample_after_accepted(accepted, gamma, vocab, u[gamma], prob, draft, q);
   write_output(draft, gamma, accepted, token, out, num_accepted);
   return kStatusOk;
 }
