@@ -55,14 +55,14 @@ def _gguf_cache_folder(folder: Union[str, Path], gguf_file: str) -> Path:
     return cache_dir() / f"{Path(gguf_file).stem}-{digest}"
 
 
-def _load_gguf_cached(name_or_path, gguf_file: str, dtype):
+def _load_gguf_cached(name_or_path, gguf_file: str, dtype, **placement):
     """Dequantize a GGUF once, then reload the safetensors copy (identical tensors, seconds not minutes)."""
     from transformers import AutoConfig, AutoTokenizer
 
     folder = _gguf_cache_folder(name_or_path, gguf_file)
     if (folder / "config.json").exists():
         config = AutoConfig.from_pretrained(folder)
-        return _model_class(config).from_pretrained(folder, dtype=dtype), folder
+        return _model_class(config).from_pretrained(folder, dtype=dtype, **placement), folder
     config = AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file)
     model = _model_class(config).from_pretrained(name_or_path, gguf_file=gguf_file, dtype=dtype)
     try:
@@ -88,6 +88,7 @@ def load_target(
     gguf_file: Optional[str] = None,
     dtype=None,
     device=None,
+    device_map=None,
 ):
     """Load a HF target (seq2seq or causal, picked by ``AutoConfig.is_encoder_decoder``) in eval mode.
 
@@ -97,15 +98,20 @@ def load_target(
             safetensors under :func:`cache_dir`).
         dtype: torch dtype or its name ("float32", "bf16", ...); None keeps the checkpoint's.
         device: where to put the model (default CPU).
+        device_map: passed to ``from_pretrained`` (e.g. "auto" shards over the visible devices; needs
+            ``accelerate``); the engine feeds inputs to the first shard. Excludes ``device``.
     """
     from transformers import AutoConfig
 
     dtype = _resolve_dtype(dtype)
+    if device_map is not None and device is not None:
+        raise ValueError("pass device or device_map, not both")
+    placement = {} if device_map is None else {"device_map": device_map}
     if gguf_file is not None:
-        model, _ = _load_gguf_cached(name_or_path, gguf_file, dtype)
+        model, _ = _load_gguf_cached(name_or_path, gguf_file, dtype, **placement)
     else:
         config = AutoConfig.from_pretrained(name_or_path)
-        model = _model_class(config).from_pretrained(name_or_path, dtype=dtype)
+        model = _model_class(config).from_pretrained(name_or_path, dtype=dtype, **placement)
     if device is not None:
         model = model.to(device)
     return model.eval()
