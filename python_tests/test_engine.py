@@ -213,17 +213,17 @@ def test_greedy_repetition_penalty_equals_hf(targets, tiny_vocab_llama, name):
 def test_cache_after_rejection_matches_fresh_forward(targets, monkeypatch):
     """At every step, the logits at each row's last committed token (read from the cropped,
     ragged cache + pending tokens) equal a fresh full forward over that row's prefix."""
-    from fastspec import engine
+    from fastspec.engine.session import TargetSession
 
     records = []
-    original = engine._TargetSession.verify_forward
+    original = TargetSession.forward
 
-    def spy(self, block, first_index, num_positions):
-        logits = original(self, block, first_index, num_positions)
-        records.append((self.rows.clone(), self.cached + first_index + 1, logits[:, 0].clone()))
+    def spy(self, seq, seq_len, num_positions):
+        logits = original(self, seq, seq_len, num_positions)
+        records.append((self.rows.clone(), seq_len.clone(), logits[:, 0].clone()))
         return logits
 
-    monkeypatch.setattr(engine._TargetSession, "verify_forward", spy)
+    monkeypatch.setattr(TargetSession, "forward", spy)
     for name in ("t5", "llama"):
         model, ids, mask, refs_by = targets[name]
         eos, refs = refs_by["none"]

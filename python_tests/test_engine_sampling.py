@@ -135,11 +135,9 @@ def test_speculative_sampling_matches_target_distribution(request, target, setti
 @pytest.mark.parametrize("target", ["tiny_vocab_llama", "tiny_vocab_t5"])
 def test_skipping_the_residual_fails_the_same_test(request, target, monkeypatch, setting):
     """The statistical test has power: the classic bug (resample from p after a rejection) fails it."""
-    from fastspec import engine
-
     settings = SETTINGS[setting]
     model = request.getfixturevalue(target)
-    monkeypatch.setattr(engine.ops, "fused_verify", _broken_fused_verify)
+    monkeypatch.setattr(ops, "fused_verify", _broken_fused_verify)
     exact = _exact_joint(model, settings)
     counts, _ = _sample_counts(model, RandomDrafter(seed=5), 2, settings, seed=2024)
     stat, dof = _chi2_stat(counts, exact * NUM_SAMPLES)

@@ -36,18 +36,23 @@ class SamplingParams:
 class DraftRequest:
     """What a drafter learns once per request.
 
-    source_ids: [B,S] the encoder input for seq2seq targets, the prompt for causal ones.
-    source_mask: [B,S] 1 for real tokens (left or right padding allowed).
+    source_ids: [B,S] the encoder input ids for seq2seq targets, the prompt for causal ones;
+        None when the target has no token source (e.g. Whisper reads input_features).
+    source_mask: [B,S] 1 for real tokens (left or right padding allowed); None with source_ids.
     is_encoder_decoder: True for seq2seq targets: the target's output starts at the
         decoder start token, not at the prompt.
     decoder_start_token_id: first output token for seq2seq targets (else None).
     vocab_size: the target's vocabulary size.
     sampling: the target's processing settings.
     generator: the request's torch.Generator (seeded by ``seed``), or None.
+    batch_size / device: the rows and where the engine's tensors live (taken from source_ids
+        when not given).
+    decoder_prompt_ids / decoder_prompt_mask: [B,P] seq2seq only: the decoder's prompt (the start
+        token, or the caller's ``decoder_input_ids``), any padding side; None otherwise.
     """
 
-    source_ids: torch.Tensor
-    source_mask: torch.Tensor
+    source_ids: Optional[torch.Tensor]
+    source_mask: Optional[torch.Tensor]
     is_encoder_decoder: bool
     vocab_size: int
     decoder_start_token_id: Optional[int] = None
@@ -55,6 +60,18 @@ class DraftRequest:
     eos_token_id: Optional[list] = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     generator: Optional[torch.Generator] = None
+    batch_size: Optional[int] = None
+    device: Optional[torch.device] = None
+    decoder_prompt_ids: Optional[torch.Tensor] = None
+    decoder_prompt_mask: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.batch_size is None:
+            if self.source_ids is None:
+                raise ValueError("DraftRequest needs batch_size when source_ids is None")
+            self.batch_size = int(self.source_ids.shape[0])
+        if self.device is None:
+            self.device = self.source_ids.device if self.source_ids is not None else torch.device("cpu")
 
 
 @dataclass

@@ -45,7 +45,7 @@ class OracleDrafter(Drafter):
 
     def begin(self, request: DraftRequest) -> None:
         super().begin(request)
-        batch = request.source_ids.shape[0]
+        batch, device = request.batch_size, request.device
         if len(self.continuations) != batch:
             raise ValueError(f"OracleDrafter has {len(self.continuations)} continuations for {batch} rows")
         self._vocab = request.vocab_size
@@ -53,10 +53,10 @@ class OracleDrafter(Drafter):
         table = torch.full((batch, width), self.fill_token_id, dtype=torch.long)
         for row, cont in enumerate(self.continuations):
             table[row, : len(cont)] = torch.tensor(cont, dtype=torch.long)
-        self._table = table.to(request.source_ids.device)  # [B,T]
+        self._table = table.to(device)  # [B,T]
         generator = torch.Generator().manual_seed(self.noise_seed)
         self._noisy = (torch.rand(table.shape, generator=generator) < self.noise).to(table.device)  # [B,T]
-        self._lengths = torch.tensor([len(c) for c in self.continuations], device=request.source_ids.device)
+        self._lengths = torch.tensor([len(c) for c in self.continuations], device=device)
 
     def draft(self, step: DraftStep) -> DraftOutput:
         device = self._table.device

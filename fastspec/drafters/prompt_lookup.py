@@ -97,6 +97,11 @@ class PromptLookupDrafter(Drafter):
         return self.use_native and ops.native_available() and hasattr(torch.ops.fastspec, "prompt_lookup_draft")
 
     def begin(self, request: DraftRequest) -> None:
+        if request.source_ids is None:
+            raise ValueError(
+                "PromptLookupDrafter copies from the source, but this target has no token source (input_ids): "
+                "use a drafter that reads only the generated tokens"
+            )
         super().begin(request)
         self._source, self._source_len = (t.cpu() for t in request_source(request))  # [B,S], [B]
         self._prefix = not request.is_encoder_decoder

@@ -24,7 +24,7 @@ class RandomDrafter(Drafter):
     def begin(self, request: DraftRequest) -> None:
         super().begin(request)
         self._vocab = request.vocab_size
-        self._device = request.source_ids.device
+        self._device = request.device
         self._generator = torch.Generator(device=self._device)
         self._generator.manual_seed(self.seed)
 

@@ -1,0 +1,158 @@
+"""The target side of a request: the encoder once (seq2seq) or the prompt prefill (causal), then
+forwards over each row's pending + new tokens on one RECTANGULAR cache.
+
+Every row b keeps ``cached[b]`` of its real tokens in the cache (a shared length L, no holes).
+A row's tokens past ``cached[b]`` are *pending*: committed, but their KV was cropped away (or
+never computed: the first decoder block of a seq2seq row). The next block of row b is
+``[pending_b, last_b, drafts_b]`` right-padded to a common width: padding at the END of a block
+is harmless under causal self-attention, and each row's logits are read at its own positions.
+Beam search uses the same session: its beams are rows, reordered with :meth:`select`.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+from fastspec import introspect
+from fastspec.cache import cache_length, crop_cache, new_cache, select_cache_rows
+from fastspec.engine.inputs import Request
+from fastspec.errors import UserError
+
+
+class Stopwatch:
+    """Wall time of device work. Synchronises CUDA around a timed call only when asked
+    (``sync_timing``): otherwise the loop keeps no host syncs beyond its own."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.device = device
+        self.sync = bool(sync) and device.type == "cuda"
+
+    def now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+class TargetSession:
+    """The target's cache for the rows still running ("compact" rows).
+
+    rows: [b] original row index of each compact row; cached: [b] real tokens in the cache.
+    """
+
+    def __init__(self, model, request: Request, stopwatch: Stopwatch):
+        self.model = model
+        self.is_seq2seq = introspect.is_encoder_decoder(model)
+        self.device = introspect.model_device(model)
+        self.stopwatch = stopwatch
+        self.cache = new_cache(model)
+        self.calls, self.time_s = 0, 0.0  # every target forward
+        self.verify_calls, self.verify_time_s = 0, 0.0  # decode-step forwards only
+        self.block_start = 0  # cache length before the last block
+        self.rows = torch.arange(request.batch, device=self.device)
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in parameters else "past_key_values"  # transformers 5.2x renamed it
+        self.keep_logits = "logits_to_keep" in parameters
+        self.takes_positions = "position_ids" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+        )
+        if self.is_seq2seq:
+            self.encoder_mask = request.encoder_inputs.get("attention_mask")  # [B,S] or None (Whisper)
+            self.encoder_outputs = self._timed(model.get_encoder(), return_dict=True, **request.encoder_inputs)
+            self.prefix_mask = None
+            self.cached = torch.zeros(request.batch, dtype=torch.long, device=self.device)
+        else:
+            self._prefill(request.prompt, request.prompt_mask)
+
+    def _timed(self, fn, verify: bool = False, **kwargs):
+        start = self.stopwatch.now()
+        with torch.no_grad():
+            out = fn(**kwargs)
+        elapsed = self.stopwatch.now() - start
+        self.calls += 1
+        self.time_s += elapsed
+        if verify:
+            self.verify_calls += 1
+            self.verify_time_s += elapsed
+        return out
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Cache every prompt column before the earliest "last real token" of any row; real tokens
+        after it stay pending (ids, mask: [B,S], any padding side)."""
+        if not self.takes_positions and bool((mask == 0).any()):
+            raise UserError(f"{type(self.model).__name__} takes no position_ids, so padded batches are unsupported")
+        columns = torch.arange(ids.shape[1], device=self.device)
+        prefill = int(torch.where(mask.bool(), columns, -1).amax(-1).min())
+        self.prefix_mask = mask[:, :prefill].clone()  # [B,P]
+        self.cached = self.prefix_mask.sum(-1).long()  # [B]
+        if prefill > 0:
+            kwargs = {"logits_to_keep": 1} if self.keep_logits else {}
+            if self.takes_positions:
+                kwargs["position_ids"] = (self.prefix_mask.cumsum(-1) - 1).clamp(min=0)
+            self._timed(self.model, input_ids=ids[:, :prefill], attention_mask=self.prefix_mask, use_cache=True,
+                        **{self.cache_kw: self.cache}, **kwargs)
+
+    @property
+    def length(self) -> int:
+        return cache_length(self.cache)
+
+    def forward(self, seq: torch.Tensor, seq_len: torch.Tensor, num_positions: int) -> torch.Tensor:
+        """Logits [b,num_positions,V] float32 on the session's device, read after each compact row's
+        last committed token and its drafts.
+
+        seq: [b,T] each row's real tokens left-aligned, then its num_positions-1 drafts.
+        seq_len: [b] committed tokens per row (drafts start at seq_len).
+        """
+        first_index = seq_len - 1 - self.cached  # [b] block index of the last committed token
+        width = int(first_index.max()) + num_positions
+        index = (self.cached[:, None] + torch.arange(width, device=self.device)).clamp(max=seq.shape[1] - 1)
+        block = seq.gather(1, index)  # [b,W]
+        if self.is_seq2seq:
+            kwargs = dict(encoder_outputs=self.encoder_outputs, decoder_input_ids=block)
+            if self.encoder_mask is not None:
+                kwargs["attention_mask"] = self.encoder_mask
+        else:
+            ones = torch.ones(block.shape[0], self.length - self.prefix_mask.shape[1] + width,
+                              dtype=self.prefix_mask.dtype, device=self.device)
+            kwargs = dict(input_ids=block, attention_mask=torch.cat([self.prefix_mask, ones], dim=1))  # [b,L+W]
+            if self.takes_positions:
+                kwargs["position_ids"] = self.cached[:, None] + torch.arange(width, device=self.device)  # [b,W]
+            if self.keep_logits:
+                kwargs["logits_to_keep"] = width - int(first_index.min())
+        self.block_start = self.length
+        logits = self._timed(self.model, verify=True, use_cache=True, **{self.cache_kw: self.cache}, **kwargs).logits
+        logits = logits.to(self.device)  # device_map: the head may sit on another device
+        index = first_index - (width - logits.shape[1])  # logits_to_keep trimmed the front
+        if bool((index == index[0]).all()):
+            start = int(index[0])
+            return logits[:, start : start + num_positions].float()
+        gather = (index[:, None] + torch.arange(num_positions, device=self.device))[:, :, None]
+        return logits.gather(1, gather.expand(-1, -1, logits.shape[-1])).float()
+
+    def advance(self, seq_len: torch.Tensor) -> None:
+        """After a block, keep for every row the KV of all its committed tokens but the newest,
+        cropped to the minimum over rows (the rest becomes pending). seq_len: [b] committed."""
+        keep = int((seq_len - 1 - self.cached).min())
+        crop_cache(self.cache, self.block_start + keep)
+        self.cached = self.cached + keep
+
+    def add_counts(self, metrics) -> None:
+        """Add this session's forward counts and times to a GenerationMetrics."""
+        metrics.target_calls += self.calls
+        metrics.target_time_s += self.time_s
+        metrics.verify_calls += self.verify_calls
+        metrics.verify_time_s += self.verify_time_s
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep compact rows ``index`` [b'] int64, in that order (drop finished rows, reorder or
+        repeat beams)."""
+        select_cache_rows(self.cache, index)
+        self.rows = self.rows[index]
+        self.cached = self.cached[index]
+        if self.is_seq2seq:
+            self.encoder_outputs.last_hidden_state = self.encoder_outputs.last_hidden_state[index]
+            if self.encoder_mask is not None:
+                self.encoder_mask = self.encoder_mask[index]
+        else:
+            self.prefix_mask = self.prefix_mask[index]
