@@ -1,7 +1,7 @@
 """The only place that touches HF cache internals (their API moves between releases).
 
-transformers 5.x: ``Cache.crop(k)`` takes a NEGATIVE k (tokens to remove); 4.x took the
-absolute length. Every crop in fastspec goes through :func:`crop_cache`.
+setup.py pins transformers 5.x, whose ``Cache.crop(k)`` takes a NEGATIVE k (tokens to remove;
+a positive k raises). Every crop in fastspec goes through :func:`crop_cache`.
 """
 from __future__ import annotations
 
@@ -22,10 +22,7 @@ def crop_cache(cache, new_length: int) -> None:
         raise ValueError(f"cannot crop a cache of length {current} to {new_length}")
     if new_length == current:
         return
-    try:
-        cache.crop(new_length - current)  # transformers >= 5: negative = tokens to remove
-    except ValueError:
-        cache.crop(new_length)  # older releases: absolute length
+    cache.crop(new_length - current)  # negative: tokens to remove
 
 
 def select_cache_rows(cache, rows: torch.Tensor) -> None:
