@@ -71,3 +71,66 @@ def test_smollm2_greedy_speculative_equals_hf():
     for row, ref in enumerate(conts):
         assert new[row, : len(ref)].tolist() == ref
     assert 0 < out.metrics.acceptance_rate < 1
+
+
+def test_load_target_device_map_auto(tmp_path, tiny_t5, t5_inputs):
+    """device_map="auto" (accelerate) loads a target the engine decodes exactly as the plain one."""
+    pytest.importorskip("accelerate")
+    tiny_t5.save_pretrained(tmp_path)
+    sharded = load_target(str(tmp_path), device_map="auto")
+    ids, mask = t5_inputs[0][:3], t5_inputs[1][:3]
+    kwargs = dict(max_new_tokens=8, eos_token_id=1, pad_token_id=0)
+    ours = fastspec.generate(sharded, RandomDrafter(seed=0), ids, mask, gamma=3, **kwargs)
+    assert torch.equal(ours.sequences, tiny_t5.generate(input_ids=ids, attention_mask=mask, **kwargs))
+    with pytest.raises(ValueError, match="device_map"):
+        load_target(str(tmp_path), device="cpu", device_map="auto")
+
+
+@pytest.mark.parametrize("which", ["tiny_t5", "tiny_llama"])
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_emits_no_future_warning(request, which, num_beams):
+    """transformers 5.2x deprecates `past_key_values` for `cache` with a FutureWarning per call."""
+    import warnings
+
+    model = request.getfixturevalue(which)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastspec.generate(model, None, torch.tensor([[5, 6, 7, 1]]), num_beams=num_beams, max_new_tokens=3)
+    assert [w for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def test_crop_cache_has_no_absolute_length_fallback():
+    """transformers 5 only: a crop the cache refuses is an error, never retried as a 4.x absolute length."""
+    from fastspec.cache import crop_cache
+
+    class Refusing:
+        calls = []
+
+        def get_seq_length(self):
+            return 5
+
+        def crop(self, k):
+            self.calls.append(k)
+            raise ValueError("refused")
+
+    cache = Refusing()
+    with pytest.raises(ValueError, match="refused"):
+        crop_cache(cache, 3)
+    assert cache.calls == [-2]
+
+
+def test_metrics_are_one_raw_sum_object(tiny_t5, t5_inputs):
+    """The engine fills fastspec.metrics.GenerationMetrics: decode-step forwards apart from the
+    encoder call, drafter calls and time, and sums that merge with +."""
+    from fastspec.metrics import GenerationMetrics
+
+    ids, mask = t5_inputs[0][:3], t5_inputs[1][:3]
+    out = fastspec.generate(tiny_t5, RandomDrafter(seed=0), ids, mask, gamma=3, max_new_tokens=6, eos_token_id=None)
+    m = out.metrics
+    assert isinstance(m, GenerationMetrics)
+    assert m.verify_calls == m.num_steps and m.target_calls == m.verify_calls + 1  # + the encoder
+    assert m.draft_calls == m.num_steps and m.draft_time_s > 0 and 0 < m.verify_time_s <= m.target_time_s
+    assert m.num_generated_tokens == 3 * 6 and m.num_draft_tokens == 3 * 3 * m.num_steps
+    both = m + m
+    assert both.acceptance_rate == pytest.approx(m.acceptance_rate) and both.num_steps == 2 * m.num_steps
+    assert both.as_dict()["mean_accepted_length"] == pytest.approx(m["mean_accepted_length"])
