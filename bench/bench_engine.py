@@ -6,6 +6,7 @@
 2. fastspec autoregressive (drafter=None) vs HF generate(), greedy, 64 new tokens (goal ≥ 1.0).
 
 Run:  OMP_NUM_THREADS=1 python -m pytest bench/bench_engine.py -q -s --benchmark-disable-gc
+On a GPU set FASTSPEC_SYNC_TIMING=1, so per-forward times wait for the device.
 Env:  FASTSPEC_BENCH_LAYERS (default 4; 12 is FLAN-T5-base), FASTSPEC_BENCH_REPEATS (default 3), FASTSPEC_BENCH_GAMMA (5).
 """
 import os
@@ -69,13 +70,14 @@ def _engine_figures(model, ids, mask):
         ar_times.append(t_ar)
         spec_times.append(t_spec)
         # non-model time per step / target forward time per step
-        overhead_shares.append((m.engine_time_s / m.num_steps) / (m.target_time_s / m.target_calls))
+        # per decode step: the loop's own time / one verification forward (encoder call excluded)
+        overhead_shares.append((m.engine_time_s / m.num_steps) / (m.verify_time_s / m.verify_calls))
         ideal.append(m.ideal_speedup)
         alphas.append(m.acceptance_rate)
         # r: one (γ+1)-token verification forward / one 1-token AR forward. The ideal formula assumes
         # r = 1 (memory-bound GPU); on a CPU the wider forward costs more, so also report the ideal
         # with the measured r: (γ+1) / (γc + r) at α = 1.
-        r = (m.target_time_s / m.target_calls) / (ar.metrics.target_time_s / ar.metrics.target_calls)
+        r = (m.verify_time_s / m.verify_calls) / (ar.metrics.verify_time_s / ar.metrics.verify_calls)
         cost_ratios.append(r)
         adjusted.append((GAMMA + 1) / (GAMMA * m.c + r))
     speedup = statistics.median(a / s for a, s in zip(ar_times, spec_times))
