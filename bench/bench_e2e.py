@@ -24,7 +24,9 @@ import pytest
 import torch
 
 from fastspec import report
-from fastspec.eval import AR_NAME, Decoder, decode_all, encode_prompts, hf_generate_decoder, summarize
+from fastspec import introspect
+from fastspec.data import encode_prompts
+from fastspec.eval import AR_NAME, Decoder, decode_all, hf_generate_decoder, summarize
 
 NUM_PROMPTS = int(os.environ.get("FASTSPEC_BENCH_PROMPTS", "3"))
 ROUNDS = int(os.environ.get("FASTSPEC_BENCH_ROUNDS", "3"))
@@ -75,7 +77,7 @@ def smollm2_drafters(smollm2):
     from fastspec.data import encode_references, load_examples
 
     model, tokenizer = smollm2
-    vocab = int(model.get_output_embeddings().weight.shape[0])
+    vocab = introspect.vocab_size(model)
     references = [e.reference for e in load_examples("aclsum", split="train")]
     reference_ids = encode_references(tokenizer, references, max_target_length=256)
     assistant = truncated_copy(model, EARLY_EXIT_LAYERS)

@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from fastspec import ops  # noqa: F401  (loads the native extension when present)
+from fastspec.errors import UserError  # noqa: F401  (the one user-error type: the CLI prints it as one line)
 
 
 def __getattr__(name):
@@ -18,7 +19,8 @@ def __getattr__(name):
         from fastspec.ngram import NgramTable
 
         return NgramTable
-    if name in ("drafters", "targets", "engine", "ngram", "data", "distill", "eval", "demo", "report", "cli"):
+    if name in ("drafters", "targets", "engine", "ngram", "data", "distill", "eval", "demo", "report", "cli", "introspect",
+                "metrics"):
         import importlib
 
         return importlib.import_module(f"fastspec.{name}")

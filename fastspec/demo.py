@@ -20,13 +20,21 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
 import torch
 
-from fastspec.eval import AR_NAME, SMOLLM2, Decoder
+from fastspec import introspect, report, targets
+from fastspec.data import load_examples
+from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset, load_pseudo_dataset
+from fastspec.distill.trainer import TrainConfig, fit_ngram_drafter, stamp_training, train_drafter, training_metadata
+from fastspec.drafters import EnsembleDrafter, LSTMDrafter, PromptLookupDrafter
+from fastspec.errors import UserError
+from fastspec.eval import AR_NAME, Decoder, compare, decode_texts, hf_generate_decoder, load_workload
+from fastspec.targets import SMOLLM2
 
 # Sizes of the two modes. The defaults keep the whole run <= 10 min (quick <= 3 min) on 2 CPU cores.
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="aclsum",
                         help="'aclsum[:section[:aspects]]' or 'cnn_dailymail:/path' (a local CNN/DailyMail copy)")
     parser.add_argument("--out", default="fastspec_demo", help="output folder (report.md, results.json, plots)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     parser.add_argument("--gamma", type=int, default=5, help="draft tokens per step (γ)")
     parser.add_argument("--num_train", type=int, default=None, help="pseudo-dataset sources (default by mode)")
     parser.add_argument("--num_test", type=int, default=None, help="held-out prompts (default by mode)")
@@ -98,8 +106,6 @@ def make_pseudo_dataset(target, train_prompts: List[List[int]], ids: List[str], 
                         target_name: str, progress: bool) -> List[dict]:
     """Step 1: the target's own greedy outputs on training prompts, with its top-k logits cached
     for KD (resumable: a rerun with the same settings reuses ``out_dir``)."""
-    from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset, load_pseudo_dataset
-
     sources = [SourceRecord(index=i, id=ids[i], source_ids=p) for i, p in enumerate(train_prompts)]
     settings = PseudoSettings(batch_size=PSEUDO_BATCH, max_new_tokens=size.pseudo_max_new_tokens, do_sample=False,
                               topk_logits=TOPK_LOGITS)
@@ -110,9 +116,6 @@ def make_pseudo_dataset(target, train_prompts: List[List[int]], ids: List[str], 
 def build_cheap_drafters(records: List[dict], vocab_size: int, ngram_n: int) -> Dict[str, Any]:
     """Step 2: n-gram fitted on the target's pseudo outputs (the seed's distilled n-gram), prompt
     lookup on the source, and prompt lookup falling back to the n-gram."""
-    from fastspec.distill.trainer import fit_ngram_drafter
-    from fastspec.drafters import PromptLookupDrafter
-
     def ngram():
         return fit_ngram_drafter(records, vocab_size, ngram_n, use_references=False, use_outputs=True)
 
@@ -127,9 +130,6 @@ def train_or_load_lstm(target, records: List[dict], pseudo_dir: str, size: DemoS
                        use_cache: bool, progress: bool):
     """Step 3: a small LSTM drafter KD-trained (forward KL against the target's cached top-k
     logits) on the pseudo-dataset; cached under ``cache_root``, keyed by its data and settings."""
-    from fastspec.distill.trainer import TrainConfig, stamp_training, train_drafter, training_metadata
-    from fastspec.drafters import LSTMDrafter
-
     config = TrainConfig(drafter="lstm", loss=0.0, kd_loss=1.0, distill_method="fkl", kd_temp=1.0,
                          teacher_logits="cache", max_steps=size.lstm_steps, batch_size=4, lr=3e-3,
                          warmup_steps=min(10, size.lstm_steps // 5), seed=seed, ckpt_every=0)
@@ -145,8 +145,6 @@ def train_or_load_lstm(target, records: List[dict], pseudo_dir: str, size: DemoS
     drafter.save(tmp)
     stamp_training(tmp, training_metadata(config, pseudo_dataset="fastspec demo"))
     if os.path.isdir(folder):
-        import shutil
-
         shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)  # atomic: a killed run never leaves a half-written cache entry
     return drafter, folder, False
@@ -157,10 +155,6 @@ def train_or_load_lstm(target, records: List[dict], pseudo_dir: str, size: DemoS
 
 def main(args) -> int:
     """Run ``fastspec demo``; returns the exit status (1 when a greedy output differs from AR)."""
-    from fastspec import report, targets
-    from fastspec.data import load_examples
-    from fastspec.eval import decode_all, encode_prompts, hf_generate_decoder, load_target_and_tokenizer, summarize
-
     t_start = time.perf_counter()
     base = QUICK if args.quick else FULL
     size = DemoSize(
@@ -172,10 +166,8 @@ def main(args) -> int:
         sweep_prompts=base.sweep_prompts,
         sweep_gammas=base.sweep_gammas,
     )
-    if args.gamma < 1:
-        raise ValueError(f"--gamma must be >= 1, got {args.gamma}")
-    if min(size.num_train, size.num_test, size.max_new_tokens) < 1:
-        raise ValueError("--num_train, --num_test and --max_new_tokens must be >= 1")
+    if min(size.num_train, size.num_test, size.max_new_tokens, args.gamma) < 1:
+        raise UserError("--gamma, --num_train, --num_test and --max_new_tokens must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -183,15 +175,14 @@ def main(args) -> int:
     torch.manual_seed(args.seed)
 
     t = _step(f"loading the target ({args.target})")
-    target, tokenizer = load_target_and_tokenizer(args.target, args.device)
-    vocab_size = int(target.get_output_embeddings().weight.shape[0])
+    data_spec = _dataset_spec(args.dataset)
+    work = load_workload(args.target, args.device, data_spec, "test", size.num_test, args.max_source_length)
+    target, tokenizer, test_examples, test_prompts = work.target, work.tokenizer, work.examples, work.prompts
+    vocab_size = introspect.vocab_size(target)
     _done(t, f"{sum(p.numel() for p in target.parameters()) / 1e6:.0f}M parameters, vocab {vocab_size} ")
 
-    data_spec = _dataset_spec(args.dataset)
     train_examples = load_examples(data_spec, split="train", limit=size.num_train)
-    test_examples = load_examples(data_spec, split="test", limit=size.num_test)
-    train_prompts = encode_prompts(tokenizer, target, [e.source for e in train_examples], args.max_source_length)
-    test_prompts = encode_prompts(tokenizer, target, [e.source for e in test_examples], args.max_source_length)
+    train_prompts = work.encode([e.source for e in train_examples])
 
     t = _step(f"1/6 pseudo-dataset: the target summarizes {len(train_prompts)} training sources")
     records = make_pseudo_dataset(target, train_prompts, [e.id for e in train_examples],
@@ -209,32 +200,28 @@ def main(args) -> int:
     drafters["LSTM (KD)"] = lstm
     _done(t, f"{'loaded from ' + lstm_folder if from_cache else 'saved to ' + lstm_folder} ")
 
-    from fastspec.drafters import EnsembleDrafter
-
     drafters["ensemble"] = EnsembleDrafter(list(drafters.values()), names=list(drafters))
 
     t = _step(f"4/6 decoding {len(test_prompts)} held-out prompts: autoregressive, HF, each drafter, ensemble")
-    decoders = [Decoder(AR_NAME)]
-    if not args.no_hf:
-        decoders.append(hf_generate_decoder(target, HF_NAME))
+    decoders = [hf_generate_decoder(target, HF_NAME)] if not args.no_hf else []
     decoders += [Decoder(name, d, args.gamma) for name, d in drafters.items()]
-    runs = decode_all(target, decoders, test_prompts, max_new_tokens=size.max_new_tokens, gamma=args.gamma,
-                      generate_kwargs={"do_sample": False}, progress=progress, desc="decode")
-    rows = [summarize(runs[d.name], runs[AR_NAME], greedy=True) for d in decoders]
+    main_run = compare(target, decoders, test_prompts, max_new_tokens=size.max_new_tokens, gamma=args.gamma,
+                       generate_kwargs={"do_sample": False}, progress=progress, desc="decode")
+    rows = main_run.rows
     _done(t)
 
     spec_rows = [r for r in rows if r["gamma"]]
     best = max(spec_rows, key=lambda r: r["speedup"])
     t = _step(f"   speedup vs γ for the best drafter ({best['name']}) on {size.sweep_prompts} prompts")
-    sweep_decoders = [Decoder(AR_NAME)] + [Decoder(f"γ={g}", drafters[best["name"]], g) for g in size.sweep_gammas]
-    sweep = decode_all(target, sweep_decoders, test_prompts[: size.sweep_prompts], max_new_tokens=size.max_new_tokens,
-                       generate_kwargs={"do_sample": False}, progress=progress, desc="γ sweep")
-    sweep_rows = [summarize(sweep[d.name], sweep[AR_NAME], greedy=True) for d in sweep_decoders[1:]]
+    sweep_decoders = [Decoder(f"γ={g}", drafters[best["name"]], g) for g in size.sweep_gammas]
+    sweep = compare(target, sweep_decoders, test_prompts[: size.sweep_prompts], max_new_tokens=size.max_new_tokens,
+                    gamma=args.gamma, generate_kwargs={"do_sample": False}, progress=progress, desc="γ sweep")
+    sweep_rows = sweep.rows[1:]
     _done(t)
 
     t = _step("5/6 results")
     print(report.text_table(rows, report.SPEC_COLUMNS), flush=True)
-    bad = [r["name"] for r in rows + sweep_rows if r.get("identical") is False]
+    bad = main_run.mismatches() + sweep.mismatches()
 
     _step("6/6 report and plots")
     settings = {
@@ -244,7 +231,7 @@ def main(args) -> int:
         "n-gram n": args.ngram_n, "LSTM": f"{size.lstm_steps} KD steps (fkl){' — loaded from cache' if from_cache else ''}",
         "device": args.device, "torch threads": torch.get_num_threads(),
     }
-    files = write_demo_report(args.out, rows, sweep_rows, best["name"], settings, test_examples, runs, tokenizer)
+    files = write_demo_report(args.out, rows, sweep_rows, best["name"], settings, test_examples, main_run.runs, tokenizer)
     print(f"   report: {files['markdown']}\n   plots:  {files['per_position']}, {files['speedup_vs_gamma']}")
     print(f"\nfinished in {time.perf_counter() - t_start:.0f}s")
     if bad:
@@ -259,9 +246,6 @@ def _safe_name(name: str) -> str:
 
 
 def write_demo_report(out_dir, rows, sweep_rows, best_name, settings, test_examples, runs, tokenizer) -> Dict[str, str]:
-    from fastspec import report
-    from fastspec.eval import decode_texts
-
     spec_rows = [r for r in rows if r["gamma"]]
     files = {
         "per_position": report.plot_per_position_acceptance(

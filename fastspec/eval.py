@@ -1,35 +1,40 @@
-"""``fastspec eval``: acceptance, speed and ROUGE of drafters against a target on a split.
+"""``fastspec eval`` and the one comparison path that ``fastspec bench``, ``fastspec eval`` and
+``fastspec demo`` share: load the target → encode the prompts → build the decoders →
+:func:`decode_all` → :func:`summarize`.
 
-The core is :func:`decode_all`, which decodes every prompt autoregressively (the same
-engine with ``drafter=None``) and speculatively with each drafter, *interleaved* prompt by
-prompt so that the speedups are ratios measured in one run on a noisy machine. It is
-shared with ``fastspec demo`` (:mod:`fastspec.demo`).
+:func:`decode_all` decodes every prompt autoregressively (the same engine with
+``drafter=None``) and speculatively with each drafter, *interleaved* prompt by prompt so that
+the speedups are ratios measured in one run on a noisy machine. Each decoder's
+:class:`~fastspec.metrics.GenerationMetrics` are summed over the prompts, and α, τ,
+per-position acceptance, c and the ideal speedup are read from the merged sums (defined once,
+in :mod:`fastspec.metrics`). On top of them a row reports:
 
-Aggregate definitions (over all prompts of a run):
-
-* α = Σ accepted draft tokens / Σ drafted tokens (= E[β] when γ is fixed);
-* τ = (Σ accepted + Σ steps) / Σ steps: tokens emitted per target call;
 * tokens/s = Σ new tokens / Σ wall time of the ``generate`` calls;
 * speedup = tokens/s of the decoder / tokens/s of autoregressive decoding;
-* c = drafter time per drafted token / target time per autoregressive forward, and the
-  ideal speedup (1 − α^(γ+1)) / ((1 − α)(γc + 1)) of Leviathan et al. 2023. The ideal assumes
-  a verification forward over γ+1 positions costs as much as one autoregressive forward;
-  ``verify_cost`` reports how much more it really costs.
+* verify_cost = the time of one verification forward (γ+1 positions) / that of one
+  autoregressive decode step: the ideal speedup assumes 1.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastspec.engine import ideal_speedup
+from fastspec import engine, introspect, report
+from fastspec.data import Example, encode_prompts, load_examples
+from fastspec.drafters import PromptLookupDrafter
+from fastspec.drafters.io import load_drafter, read_config
+from fastspec.errors import UserError
+from fastspec.metrics import GenerationMetrics
+from fastspec.targets import SMOLLM2, load_target_and_tokenizer
 
 AR_NAME = "autoregressive"
-SMOLLM2 = "smollm2"  # the embedded default target (DESIGN §4)
+BUILTIN_DRAFTERS = {"prompt_lookup": PromptLookupDrafter}  # drafters that need no checkpoint
 
 
 # --------------------------------------------------------------------------- decoding
@@ -66,22 +71,13 @@ def hf_generate_decoder(model, name: str = "HF generate", **hf_kwargs) -> Decode
 
 @dataclass
 class DecodeRun:
-    """Everything one decoder produced over the prompts, with summed engine metrics."""
+    """Everything one decoder produced over the prompts, with the engine metrics summed."""
 
     name: str
     gamma: Optional[int]
     outputs: List[List[int]] = field(default_factory=list)  # new tokens per prompt
     time_s: float = 0.0
-    num_steps: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    target_calls: int = 0
-    draft_time_s: float = 0.0
-    target_time_s: float = 0.0
-    # decode-step forwards only (no encoder/prefill), when the engine reports them
-    verify_calls: int = 0
-    verify_time_s: float = 0.0
-    position_accepted: List[float] = field(default_factory=list)  # Σ over prompts of rate·steps
+    metrics: GenerationMetrics = field(default_factory=GenerationMetrics)
     info: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -92,42 +88,23 @@ class DecodeRun:
     def tokens_per_s(self) -> float:
         return self.num_new_tokens / self.time_s if self.time_s > 0 else float("nan")
 
-    @property
-    def acceptance_rate(self) -> Optional[float]:
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
-
-    @property
-    def mean_accepted_length(self) -> float:
-        if self.num_draft_tokens == 0 or self.num_steps == 0:
-            return 1.0
-        return (self.num_accepted_tokens + self.num_steps) / self.num_steps
-
-    @property
-    def per_position_acceptance(self) -> List[float]:
-        return [v / self.num_steps for v in self.position_accepted] if self.num_steps else []
-
-    def add(self, new_tokens: List[int], metrics: Dict[str, Any], wall_s: float) -> None:
+    def add(self, new_tokens: List[int], metrics: Optional[GenerationMetrics], wall_s: float) -> None:
+        """One prompt's output; ``metrics`` None for generators that report none (HF generate)."""
         self.outputs.append(new_tokens)
         self.time_s += wall_s
-        steps = int(metrics.get("num_steps", 0) or 0)
-        self.num_steps += steps
-        self.num_draft_tokens += int(metrics.get("num_draft_tokens", 0) or 0)
-        self.num_accepted_tokens += int(metrics.get("num_accepted_tokens", 0) or 0)
-        self.target_calls += int(metrics.get("target_calls", 0) or 0)
-        self.draft_time_s += float(metrics.get("draft_time_s", 0.0) or 0.0)
-        self.target_time_s += float(metrics.get("target_time_s", 0.0) or 0.0)
-        # without the engine's own split, count every target call (prefill included) as a step
-        self.verify_calls += int(metrics.get("verify_calls", metrics.get("target_calls", 0)) or 0)
-        self.verify_time_s += float(metrics.get("verify_time_s", metrics.get("target_time_s", 0.0)) or 0.0)
-        rates = list(metrics.get("per_position_acceptance") or [])
-        if len(self.position_accepted) < len(rates):
-            self.position_accepted += [0.0] * (len(rates) - len(self.position_accepted))
-        for i, r in enumerate(rates):
-            self.position_accepted[i] += float(r) * steps
+        if metrics is not None:
+            self.metrics = self.metrics + metrics
+
+
+def _per_verify_s(metrics: GenerationMetrics) -> Optional[float]:
+    return metrics.verify_time_s / metrics.verify_calls if metrics.verify_calls else None
 
 
 def summarize(run: DecodeRun, reference: Optional[DecodeRun], greedy: bool) -> Dict[str, Any]:
-    """One result row: α, τ, tokens/s, speedup vs the reference run, ideal speedup, identity."""
+    """One result row: α, τ, c, ideal speedup (from the merged metrics), tokens/s, speedup vs
+    the reference run and whether the outputs are identical to it."""
+    m = run.metrics
+    speculative = m.row_steps > 0
     row: Dict[str, Any] = {
         "name": run.name,
         "gamma": run.gamma,
@@ -135,30 +112,30 @@ def summarize(run: DecodeRun, reference: Optional[DecodeRun], greedy: bool) -> D
         "new_tokens": run.num_new_tokens,
         "time_s": run.time_s,
         "tokens_per_s": run.tokens_per_s,
-        "num_steps": run.num_steps,
-        "num_draft_tokens": run.num_draft_tokens,
-        "num_accepted_tokens": run.num_accepted_tokens,
-        "target_calls": run.target_calls,
-        "acceptance_rate": run.acceptance_rate,
-        "mean_accepted_length": run.mean_accepted_length if run.num_draft_tokens else None,
-        "per_position_acceptance": run.per_position_acceptance,
-        "draft_time_s": run.draft_time_s,
-        "target_time_s": run.target_time_s,
+        "num_steps": m.num_steps,
+        "num_draft_tokens": m.num_draft_tokens,
+        "num_accepted_tokens": m.num_accepted_tokens,
+        "target_calls": m.target_calls,
+        "verify_calls": m.verify_calls,
+        "acceptance_rate": m.acceptance_rate if speculative else None,
+        "mean_accepted_length": m.mean_accepted_length if speculative else None,
+        "per_position_acceptance": m.per_position_acceptance if speculative else [],
+        "c": m.c if speculative else None,
+        "ideal_speedup": m.ideal_speedup if speculative else None,
+        "draft_time_s": m.draft_time_s,
+        "target_time_s": m.target_time_s,
         **run.info,
     }
-    if reference is not None and reference is not run:
-        row["speedup"] = run.tokens_per_s / reference.tokens_per_s
-        row["identical"] = (run.outputs == reference.outputs) if greedy else None
-        ar_forward_s = reference.verify_time_s / reference.verify_calls if reference.verify_calls else None
-        if ar_forward_s and run.num_draft_tokens and run.acceptance_rate is not None and run.gamma:
-            c = (run.draft_time_s / run.num_draft_tokens) / ar_forward_s
-            row["c"] = c
-            row["ideal_speedup"] = ideal_speedup(run.acceptance_rate, run.gamma, c)  # fastspec.engine's formula
-            row["verify_cost"] = (run.verify_time_s / run.verify_calls) / ar_forward_s if run.verify_calls else None
-            row["measured_over_ideal"] = row["speedup"] / row["ideal_speedup"]
-    elif reference is run:
+    if reference is run:
         row["speedup"] = 1.0
         row["identical"] = True if greedy else None
+    elif reference is not None:
+        row["speedup"] = run.tokens_per_s / reference.tokens_per_s
+        row["identical"] = (run.outputs == reference.outputs) if greedy else None
+        ours, theirs = _per_verify_s(m), _per_verify_s(reference.metrics)
+        row["verify_cost"] = ours / theirs if ours and theirs else None
+        if row["ideal_speedup"]:
+            row["measured_over_ideal"] = row["speedup"] / row["ideal_speedup"]
     return row
 
 
@@ -186,16 +163,14 @@ def decode_all(
     """
     from tqdm.auto import tqdm
 
-    import fastspec
-
     if not decoders:
         raise ValueError("decode_all needs at least one decoder")
     names = [d.name for d in decoders]
     if len(set(names)) != len(names):
         raise ValueError(f"decoder names must be unique, got {names}")
     kwargs = dict(generate_kwargs or {})
-    device = _device_of(target)
-    is_encoder_decoder = bool(getattr(_config_of(target), "is_encoder_decoder", False))
+    model = introspect.hf_model(target)
+    device, seq2seq = introspect.model_device(model), introspect.is_encoder_decoder(model)
     runs = {d.name: DecodeRun(d.name, None if d.drafter is None else (d.gamma or gamma), info=dict(d.info)) for d in decoders}
     bar = tqdm(total=len(prompts) * len(decoders), desc=desc, disable=not progress, unit="run")
     for prompt in prompts:
@@ -203,31 +178,102 @@ def decode_all(
         for d in decoders:
             start = time.perf_counter()
             if d.generate_fn is not None:
-                sequences, metrics = d.generate_fn(input_ids, max_new_tokens, **kwargs), {}
+                sequences, metrics = d.generate_fn(input_ids, max_new_tokens, **kwargs), None
             else:
                 extra = {} if d.drafter is None else {"gamma": runs[d.name].gamma}
-                out = fastspec.generate(target, d.drafter, input_ids=input_ids, max_new_tokens=max_new_tokens, **extra,
-                                        **{**kwargs, **d.options})
-                sequences, metrics = out.sequences, dict(out.metrics)
+                out = engine.generate(target, d.drafter, input_ids=input_ids, max_new_tokens=max_new_tokens, **extra,
+                                      **{**kwargs, **d.options})
+                sequences, metrics = out.sequences, out.metrics
             wall = time.perf_counter() - start
-            runs[d.name].add(new_tokens_of(sequences, input_ids.shape[1], is_encoder_decoder), metrics, wall)
+            runs[d.name].add(new_tokens_of(sequences, input_ids.shape[1], seq2seq), metrics, wall)
             bar.update(1)
     bar.close()
     return runs
 
 
-def _config_of(target):
-    return getattr(target, "config", None) or getattr(getattr(target, "model", None), "config", None)
+# --------------------------------------------------------------------------- the shared comparison
 
 
-def _device_of(target) -> torch.device:
-    device = getattr(target, "device", None)
-    if device is None:
-        try:
-            device = next(target.parameters()).device
-        except (AttributeError, StopIteration):
-            device = torch.device("cpu")
-    return torch.device(device)
+@dataclass
+class Workload:
+    """A loaded target, its tokenizer and the prompts every decoder decodes."""
+
+    target: Any
+    tokenizer: Any
+    examples: List[Example]
+    prompts: List[List[int]]
+    max_source_length: Optional[int] = None
+
+    def encode(self, sources: Sequence[str]) -> List[List[int]]:
+        """More prompts for the same target (e.g. training sources), encoded the same way."""
+        return encode_prompts(self.tokenizer, self.target, sources, self.max_source_length)
+
+    @property
+    def references(self) -> Optional[List[str]]:
+        return [e.reference for e in self.examples] if all(e.reference for e in self.examples) else None
+
+
+def load_workload(target_spec: Optional[str], device: str, dataset: str, split: str, num_samples: Optional[int],
+                  max_source_length: Optional[int]) -> Workload:
+    """Load the target and encode the first ``num_samples`` examples of ``dataset``/``split``."""
+    target, tokenizer = load_target_and_tokenizer(target_spec, device)
+    examples = load_examples(dataset, split=split, limit=num_samples)
+    prompts = encode_prompts(tokenizer, target, [e.source for e in examples], max_source_length)
+    return Workload(target, tokenizer, examples, prompts, max_source_length)
+
+
+def checkpoint_decoders(target, checkpoints: Sequence[tuple], builtins: Sequence[str], gamma: int) -> List[Decoder]:
+    """A decoder per saved drafter (``(label, folder)``, loaded and checked against ``target``) and per
+    built-in drafter name (:data:`BUILTIN_DRAFTERS`)."""
+    decoders = [Decoder(label, load_drafter(path, target), gamma, describe_checkpoint(path)) for label, path in checkpoints]
+    for name in builtins:
+        if name not in BUILTIN_DRAFTERS:
+            raise UserError(f"unknown built-in drafter {name!r}; choose from {', '.join(BUILTIN_DRAFTERS)}")
+        decoders.append(Decoder(name, BUILTIN_DRAFTERS[name](), gamma, {"kind": name, "training": "none"}))
+    return decoders
+
+
+@dataclass
+class Comparison:
+    rows: List[Dict[str, Any]]  # one per decoder, autoregressive first
+    runs: Dict[str, DecodeRun]  # of the last repeat
+    greedy: bool
+
+    def mismatches(self) -> List[str]:
+        """Decoders whose greedy outputs differ from autoregressive decoding (a lossless bug)."""
+        return [r["name"] for r in self.rows if r.get("identical") is False]
+
+
+def compare(target, decoders: Sequence[Decoder], prompts: Sequence[Sequence[int]], *, max_new_tokens: int, gamma: int,
+            generate_kwargs: Optional[Dict[str, Any]] = None, repeats: int = 1, progress: bool = True,
+            desc: str = "decoding") -> Comparison:
+    """Autoregressive decoding + every decoder on the prompts, ``repeats`` times: one row per decoder
+    against autoregressive decoding; speedup and tokens/s are medians over the repeats."""
+    if repeats < 1 or gamma < 1 or max_new_tokens < 1:
+        raise UserError("--repeats, --gamma and --max_new_tokens must be >= 1")
+    gen = dict(generate_kwargs or {})
+    greedy = not gen.get("do_sample", False)
+    all_decoders = [Decoder(AR_NAME)] + [d for d in decoders if d.name != AR_NAME]
+    per_repeat = []
+    for _ in range(repeats):
+        runs = decode_all(target, all_decoders, prompts, max_new_tokens=max_new_tokens, gamma=gamma,
+                          generate_kwargs=gen, progress=progress, desc=desc)
+        per_repeat.append([summarize(runs[d.name], runs[AR_NAME], greedy) for d in all_decoders])
+    rows = per_repeat[-1]
+    for i, row in enumerate(rows):
+        for key in ("speedup", "tokens_per_s"):
+            values = [r[i][key] for r in per_repeat if r[i].get(key) is not None]
+            if values:
+                row[key] = statistics.median(values)
+    return Comparison(rows, runs, greedy)
+
+
+def generation_kwargs(args) -> Dict[str, Any]:
+    """transformers-named generation controls from the CLI sampling flags."""
+    kwargs: Dict[str, Any] = {"do_sample": bool(getattr(args, "do_sample", False))}
+    if kwargs["do_sample"]:
+        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return kwargs
 
 
 # --------------------------------------------------------------------------- quality
@@ -254,45 +300,7 @@ def decode_texts(tokenizer, outputs: Sequence[Sequence[int]]) -> List[str]:
     return [tokenizer.decode(list(o), skip_special_tokens=True).strip() for o in outputs]
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def load_target_and_tokenizer(spec: Optional[str], device: str = "cpu", dtype: Optional[str] = None):
-    """``smollm2`` (or None): the offline SmolLM2-135M-Instruct; else a local folder or hub name."""
-    from fastspec import targets
-
-    if spec in (None, "", SMOLLM2):
-        model, tokenizer = targets.load_smollm2()
-        model = model.to(device)
-    else:
-        from transformers import AutoTokenizer
-
-        model = targets.load_target(spec, dtype=dtype, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    model.eval()
-    return model, tokenizer
-
-
-def encode_prompts(tokenizer, target, sources: Sequence[str], max_source_length: Optional[int] = None) -> List[List[int]]:
-    """Prompt token ids (chat template / ``summarize:`` prefix) via :mod:`fastspec.data`."""
-    from fastspec.data import default_max_source_length, encode_sources
-
-    config = _config_of(target)
-    limit = default_max_source_length(tokenizer, config)
-    if max_source_length:
-        limit = min(limit, max_source_length)
-    encoded = encode_sources(
-        tokenizer, sources, is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)), max_source_length=limit
-    )
-    return encoded.input_ids
-
-
-def generation_kwargs(args) -> Dict[str, Any]:
-    """transformers-named generation controls from the CLI flags."""
-    kwargs: Dict[str, Any] = {"do_sample": bool(getattr(args, "do_sample", False))}
-    if kwargs["do_sample"]:
-        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    return kwargs
+# --------------------------------------------------------------------------- checkpoints
 
 
 def parse_checkpoints(specs: Sequence[str]) -> List[tuple]:
@@ -303,18 +311,16 @@ def parse_checkpoints(specs: Sequence[str]) -> List[tuple]:
         if not sep:
             label, path = os.path.basename(os.path.normpath(spec)), spec
         if not os.path.isdir(path):
-            raise ValueError(f"--ckpt_path {path!r}: no such drafter folder")
+            raise UserError(f"--ckpt_path {path!r}: no such drafter folder")
         out.append((label, path))
     labels = [l for l, _ in out]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"--ckpt_path labels must be unique (use label=path): {labels}")
+        raise UserError(f"--ckpt_path labels must be unique (use label=path): {labels}")
     return out
 
 
 def describe_checkpoint(path: str) -> Dict[str, Any]:
     """The drafter kind and how it was trained (baseline vs distilled), read from config.json."""
-    from fastspec.drafters.io import read_config
-
     meta = read_config(path)
     config = meta.get("config", {})
     training = config.get("training", {}) if isinstance(config.get("training"), dict) else {}
@@ -332,26 +338,57 @@ def describe_checkpoint(path: str) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 
 
+def add_target_flags(p: argparse.ArgumentParser, max_source_length: int = 512) -> None:
+    p.add_argument("--target", default=SMOLLM2,
+                   help=f"'{SMOLLM2}' (the offline SmolLM2-135M-Instruct), a local HF folder, or a hub name")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (under torchrun: cuda = cuda:LOCAL_RANK)")
+    p.add_argument("--max_source_length", type=int, default=max_source_length,
+                   help="truncate prompts to this many tokens (a warning counts them)")
+
+
+def add_data_flags(p: argparse.ArgumentParser, split: str, num_samples: Optional[int] = None) -> None:
+    p.add_argument("--dataset", default="aclsum",
+                   help="'aclsum', 'aclsum:<section>[:<aspect>+...]', 'aclsum_papers' (unlabeled) or a path to a "
+                   "CNN/DailyMail copy (datasets folder, .jsonl/.csv with article/highlights, or .story folders)")
+    p.add_argument("--split", default=split, help=f"data split (default {split})")
+    p.add_argument("--num_samples", type=int, default=num_samples,
+                   help="use only the first N examples" + (f" (default {num_samples})" if num_samples else ""))
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def check_flags(args) -> None:
+    """The numeric flags a command has, checked before anything is loaded."""
+    for name in ("gamma", "max_new_tokens", "repeats", "num_samples", "num_train", "num_test", "batch_size",
+                 "max_steps", "max_source_length"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    if getattr(args, "do_sample", False):
+        if args.temperature <= 0:
+            raise UserError(f"--temperature must be > 0 when sampling, got {args.temperature}")
+        if args.top_k < 0 or not 0 < args.top_p <= 1:
+            raise UserError(f"--top_k must be >= 0 and --top_p in (0, 1], got {args.top_k} and {args.top_p}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``fastspec eval`` flags (the CLI calls this, then :func:`main`)."""
     parser.add_argument("--ckpt_path", nargs="+", default=[], metavar="[LABEL=]FOLDER",
                         help="drafter folder(s) saved by `fastspec train` (config.json + weights); "
                         "give several to compare baseline vs distilled")
-    parser.add_argument("--builtin", nargs="*", default=[], choices=["prompt_lookup"],
+    parser.add_argument("--builtin", nargs="*", default=[], choices=list(BUILTIN_DRAFTERS),
                         help="drafters that need no checkpoint, evaluated beside the checkpoints")
-    parser.add_argument("--device", default="cpu", help="torch device for target and drafters (cpu, cuda, cuda:1)")
-    parser.add_argument("--target", default=SMOLLM2, help="'smollm2' (offline default), a local HF folder or a hub name")
-    parser.add_argument("--dataset", default="aclsum", help="'aclsum[:section[:aspects]]' or a CNN/DailyMail path")
-    parser.add_argument("--split", default="test", help="data split (train/val/test)")
-    parser.add_argument("--num_samples", type=int, default=20, help="number of prompts from the split")
+    add_target_flags(parser, max_source_length=1024)
+    add_data_flags(parser, "test", num_samples=20)
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--max_source_length", type=int, default=1024, help="truncate prompts to this many tokens")
     parser.add_argument("--gamma", type=int, default=5, help="draft tokens per step (γ)")
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(parser)
     parser.add_argument("--out", default="fastspec_eval", help="folder for results.json, report.md and plots")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
@@ -369,20 +406,13 @@ def evaluate(
     generate_kwargs: Optional[Dict[str, Any]] = None,
     progress: bool = True,
 ) -> Dict[str, Any]:
-    """Autoregressive + every decoder on the prompts: result rows with α, τ, speed and ROUGE."""
-    gen = dict(generate_kwargs or {})
-    greedy = not gen.get("do_sample", False)
-    all_decoders = [Decoder(AR_NAME)] + [d for d in decoders if d.name != AR_NAME]
-    runs = decode_all(target, all_decoders, prompts, max_new_tokens=max_new_tokens, gamma=gamma,
-                      generate_kwargs=gen, progress=progress, desc="eval")
-    ar = runs[AR_NAME]
-    rows = []
-    for d in all_decoders:
-        row = summarize(runs[d.name], ar, greedy)
-        if references is not None and tokenizer is not None:
-            row.update(rouge_scores(decode_texts(tokenizer, runs[d.name].outputs), references))
-        rows.append(row)
-    return {"rows": rows, "runs": runs, "greedy": greedy}
+    """:func:`compare` + ROUGE of every decoder's outputs against the references."""
+    result = compare(target, decoders, prompts, max_new_tokens=max_new_tokens, gamma=gamma,
+                     generate_kwargs=generate_kwargs, progress=progress, desc="eval")
+    if references is not None and tokenizer is not None:
+        for row in result.rows:
+            row.update(rouge_scores(decode_texts(tokenizer, result.runs[row["name"]].outputs), references))
+    return {"rows": result.rows, "runs": result.runs, "greedy": result.greedy}
 
 
 EVAL_EXTRA_COLUMNS = ("kind", "training")
@@ -390,8 +420,6 @@ EVAL_EXTRA_COLUMNS = ("kind", "training")
 
 def write_eval_report(result: Dict[str, Any], out_dir: str, settings: Dict[str, Any]) -> Dict[str, str]:
     """results.json, report.md, per_position_acceptance.png and alpha.png in ``out_dir``."""
-    from fastspec import report
-
     os.makedirs(out_dir, exist_ok=True)
     rows = result["rows"]
     spec_rows = [r for r in rows if r["name"] != AR_NAME]
@@ -422,35 +450,17 @@ def write_eval_report(result: Dict[str, Any], out_dir: str, settings: Dict[str, 
 
 def main(args) -> int:
     """Run ``fastspec eval``; returns the exit status (1 when greedy outputs differ from AR)."""
-    from fastspec import report
-    from fastspec.data import load_examples
-    from fastspec.cli import _load_drafter_folder
-
-    if args.gamma < 1:
-        raise ValueError(f"--gamma must be >= 1, got {args.gamma}")
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise ValueError("--num_samples and --max_new_tokens must be >= 1")
+    check_flags(args)
     checkpoints = parse_checkpoints(args.ckpt_path)
     if not checkpoints and not args.builtin:
-        raise ValueError("nothing to evaluate: give --ckpt_path FOLDER [FOLDER ...] and/or --builtin prompt_lookup")
-    target, tokenizer = load_target_and_tokenizer(args.target, args.device)
-    decoders = []
-    for label, path in checkpoints:
-        drafter = _load_drafter_folder(path, target)  # checks the vocabulary against the target
-        if hasattr(drafter, "to"):
-            drafter = drafter.to(args.device) or drafter
-        decoders.append(Decoder(label, drafter, args.gamma, describe_checkpoint(path)))
-    for name in args.builtin:
-        from fastspec.drafters import PromptLookupDrafter
-
-        decoders.append(Decoder(name, PromptLookupDrafter(), args.gamma, {"kind": name, "training": "none"}))
-    examples = load_examples(args.dataset, split=args.split, limit=args.num_samples)
-    prompts = encode_prompts(tokenizer, target, [e.source for e in examples], args.max_source_length)
-    references = [e.reference for e in examples] if all(e.reference for e in examples) else None
-    result = evaluate(target, tokenizer, decoders, prompts, references, max_new_tokens=args.max_new_tokens,
-                      gamma=args.gamma, generate_kwargs=generation_kwargs(args), progress=not args.no_progress)
+        raise UserError("nothing to evaluate: give --ckpt_path FOLDER [FOLDER ...] and/or --builtin prompt_lookup")
+    work = load_workload(args.target, args.device, args.dataset, args.split, args.num_samples, args.max_source_length)
+    decoders = checkpoint_decoders(work.target, checkpoints, args.builtin, args.gamma)
+    result = evaluate(work.target, work.tokenizer, decoders, work.prompts, work.references,
+                      max_new_tokens=args.max_new_tokens, gamma=args.gamma, generate_kwargs=generation_kwargs(args),
+                      progress=not args.no_progress)
     settings = {
-        "target": args.target, "dataset": args.dataset, "split": args.split, "num_prompts": len(prompts),
+        "target": args.target, "dataset": args.dataset, "split": args.split, "num_prompts": len(work.prompts),
         "max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "device": args.device,
         "decoding": "sampling" if args.do_sample else "greedy", "torch_threads": torch.get_num_threads(),
         "checkpoints": {label: path for label, path in checkpoints},

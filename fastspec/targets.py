@@ -12,10 +12,13 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 
+from fastspec.errors import UserError
+
+SMOLLM2 = "smollm2"  # the embedded default target (DESIGN §4)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -34,7 +37,7 @@ def _resolve_dtype(dtype) -> Optional[torch.dtype]:
     aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
     resolved = getattr(torch, aliases.get(name, name), None)
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
+        raise UserError(f"unknown dtype {dtype!r}")
     return resolved
 
 
@@ -152,3 +155,58 @@ def load_t5_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(t5_tokenizer_folder())
+
+
+# --------------------------------------------------------------------------- command-line loading
+
+
+def available_devices() -> List[str]:
+    """The torch devices this machine can run fastspec on."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def check_device(spec: str) -> torch.device:
+    """The torch device for ``--device spec``; a :class:`UserError` naming the available
+    devices when this machine does not have it."""
+    available = ", ".join(available_devices())
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {spec}: not a torch device; available: {available}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec}: CUDA is not available here; available: {available}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                            f"available: {available}")
+    elif device.type != "cpu":
+        raise UserError(f"--device {spec}: fastspec runs on cpu or cuda; available: {available}")
+    return device
+
+
+def check_target_spec(spec: str) -> None:
+    """A target that looks like a path must exist (hub names are 'name' or 'org/name')."""
+    if spec in (SMOLLM2, ""):
+        return
+    looks_like_path = os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1
+    if (looks_like_path or "/" not in spec) and not os.path.exists(os.path.expanduser(spec)):
+        raise UserError(f"--target {spec!r}: no such folder (and not {SMOLLM2!r} or a hub name)")
+
+
+def load_target_and_tokenizer(spec: Optional[str], device: str = "cpu", dtype=None):
+    """(model, tokenizer): ``smollm2`` (or None) is the offline SmolLM2-135M-Instruct; else a
+    local folder or a hub name. A folder or name transformers cannot load is a :class:`UserError`."""
+    from transformers import AutoTokenizer
+
+    if spec in (None, "", SMOLLM2):
+        return load_smollm2(dtype=dtype, device=device)
+    check_target_spec(spec)
+    try:
+        model = load_target(spec, dtype=dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except OSError as err:  # transformers: "... is not a local folder and is not a valid model identifier"
+        raise UserError(f"--target {spec}: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+    return model, tokenizer

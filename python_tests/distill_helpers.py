@@ -36,7 +36,7 @@ def tiny_llama(vocab_size=128, seed=0):
 
 def hf_generate(target, drafter, input_ids, attention_mask, gamma, seed=None, **kwargs):
     """Stand-in for fastspec.generate (plain HF generate) where the engine is not needed."""
-    from fastspec.distill.teacher import hf_model
+    from fastspec.introspect import hf_model
 
     if seed is not None:
         torch.manual_seed(seed)

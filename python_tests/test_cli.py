@@ -237,3 +237,63 @@ def test_torchrun_ddp_training_two_gloo_ranks(target_dir, tmp_path):
     from fastspec.drafters.io import load_drafter
 
     assert load_drafter(str(tmp_path / "runs" / "ddp" / "drafter")).vocab_size == 32128
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--device", "cuda", "--text", "hi"],
+    ["eval", "--builtin", "prompt_lookup", "--device", "cuda"],
+    ["pseudo", "--device", "cuda:1", "--out", "unused"],
+])
+def test_missing_cuda_device_is_one_line_naming_the_available_devices(argv, capsys, monkeypatch):
+    """Checked before any model is loaded: no traceback, the devices this machine has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _error(argv, capsys, f"--device {argv[argv.index('--device') + 1]}: CUDA is not available here")
+    assert err.strip().endswith("available: cpu")
+
+
+def test_unknown_device_is_one_line(capsys):
+    _error(["demo", "--device", "tpu", "--quick"], capsys, "--device tpu: not a torch device; available: cpu")
+    _error(["bench", "--device", "mps"], capsys, "--device mps: fastspec runs on cpu or cuda")
+
+
+def test_only_user_errors_become_one_line_messages(capsys, monkeypatch):
+    """A UserError is the user's: one line, exit 2. Anything else is a bug: it keeps its traceback,
+    even a ValueError (which the old CLI swallowed)."""
+    import fastspec
+    from fastspec import cli
+
+    assert fastspec.UserError is cli.UserError and issubclass(fastspec.UserError, ValueError)
+
+    def user_mistake(args):
+        raise fastspec.UserError("the input file is empty\nsecond line is dropped")
+
+    monkeypatch.setitem(cli.COMMANDS, "generate", user_mistake)
+    status, _, err = _run_cli(["generate", "--text", "x"], capsys)
+    assert status == 2 and err == "fastspec generate: error: the input file is empty\n"
+
+    for bug in (ValueError("shape mismatch in the engine"), OSError("disk"), KeyError("k")):
+        def broken(args, bug=bug):
+            raise bug
+
+        monkeypatch.setitem(cli.COMMANDS, "generate", broken)
+        with pytest.raises(type(bug)):
+            main(["generate", "--text", "x"])
+    # --debug shows the traceback of a user error too
+    monkeypatch.setitem(cli.COMMANDS, "generate", user_mistake)
+    with pytest.raises(fastspec.UserError):
+        main(["--debug", "generate", "--text", "x"])
+
+
+def test_bad_generation_flags_are_user_errors(capsys):
+    _error(["generate", "--text", "x", "--gamma", "0"], capsys, "--gamma must be >= 1")
+    _error(["generate", "--text", "x", "--do_sample", "--top_p", "1.5"], capsys, "--top_p in (0, 1]")
+    _error(["bench", "--repeats", "0"], capsys, "--repeats must be >= 1")
+
+
+def test_layer_skip_has_one_name(tmp_path, capsys):
+    """`--drafter layer_skip`, config kind `layer_skip`, module fastspec.drafters.layer_skip."""
+    from fastspec.cli import DRAFTERS, build_parser
+
+    assert "layer_skip" in DRAFTERS and "layerskip" not in DRAFTERS
+    args = build_parser().parse_args(["train", "--drafter", "layer_skip", "--exp_name", "x"])
+    assert args.drafter == "layer_skip"

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from fastspec import ops
+from fastspec.distill.pseudo import PseudoDatasetError, load_pseudo_dataset
+from fastspec.distill.trainer import fit_neural_drafter, fit_ngram_drafter
 from fastspec.drafters import (
     CNNDrafter,
     CommitInfo,
@@ -27,6 +29,7 @@ from fastspec.drafters.base import DraftOutput, Drafter
 from fastspec.drafters.cnn import CausalConvLM, cnn_draft_native, cnn_draft_reference
 from fastspec.drafters.lstm import LSTMLM, lstm_draft_native, lstm_draft_reference
 from fastspec.drafters.prompt_lookup import prompt_lookup_reference
+from fastspec.errors import UserError
 
 needs_native = pytest.mark.skipif(not ops.native_available(), reason="fastspec._C not built")
 V = 111
@@ -451,15 +454,19 @@ def test_corrupted_files_raise_clear_errors(kind, llama111, t5_111, tmp_path):
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(clean, work)
         mutate(str(work / os.path.relpath(path, clean)))
-        with pytest.raises(ValueError):
+        with pytest.raises(UserError):  # the CLI shows it as one line, no traceback
             load_drafter(str(work))
             pytest.fail(f"{kind}: {description} loaded without error")
-    with pytest.raises(ValueError, match="config.json is missing"):
+    with pytest.raises(UserError, match="no such drafter folder"):
         load_drafter(str(tmp_path / "nothing_here"))
-    # a valid folder of another kind is refused by the class loader
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="config.json is missing"):
+        load_drafter(str(tmp_path / "empty"))
+    # a valid folder of another kind is refused by the class loader (an ensemble's members are
+    # loaded by load_drafter, so the ensemble has no class loader of its own)
     other = tmp_path / "other"
     PromptLookupDrafter().save(str(other))
-    if kind != "prompt_lookup_ngram":
+    if kind not in ("prompt_lookup_ngram", "ensemble"):
         with pytest.raises(ValueError, match="not a"):
             type(drafter).load(str(other))
 
@@ -506,7 +513,7 @@ def test_training_on_shifted_labels_learns_to_draft(make):
         sources.append([start, start + 1])
         outputs.append(list(range(start, start + 12)))
     drafter = make()
-    result = drafter.fit(sources, outputs, max_steps=150, batch_size=16, lr=3e-2)
+    result = fit_neural_drafter(drafter, sources, outputs, max_steps=150, batch_size=16, lr=3e-2)
     assert result.final_loss < 0.5
     drafter.begin(_request(torch.tensor([[20, 21]]), seq2seq=True))
     out = drafter.draft(_step([[20, 21, 22]], 5))
@@ -557,8 +564,41 @@ def test_ngram_fits_on_a_pseudo_dataset(tmp_path):
     with open(tmp_path / "pseudo.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    drafter = NgramDrafter(n=2, vocab_size=V, smoothing=0.0, start_token_id=0).fit_pseudo_dataset(str(tmp_path))
+    drafter = fit_ngram_drafter(load_pseudo_dataset(str(tmp_path)), V, 2, use_references=False, use_outputs=True,
+                                start_token_id=0, smoothing=0.0)
     drafter.begin(_request(torch.tensor([[5, 6]])))
     assert drafter.draft(_step([[11, 20]], 3)).tokens.tolist() == [[21, 22, 23]]
-    with pytest.raises(ValueError):
-        NgramDrafter(n=2, vocab_size=V).fit_pseudo_dataset(str(tmp_path / "missing"))
+    with pytest.raises(PseudoDatasetError, match="no pseudo-dataset here"):
+        load_pseudo_dataset(str(tmp_path / "missing"))
+
+
+def test_load_drafter_is_the_one_loader_for_layer_skip_with_exit_head(llama111, tmp_path):
+    """A layer-skip folder with a trained exit head loads through load_drafter(folder, target), also
+    when its config says `layerskip` (the kind's old spelling); without the target it says why."""
+    from fastspec.drafters.folder import config_digest
+    from fastspec.drafters.layer_skip import attach_exit_head, truncated_view
+
+    view = truncated_view(llama111, 1)
+    head = attach_exit_head(view)
+    with torch.no_grad():
+        head["head"].weight.mul_(0.5)  # "trained": differs from the target's own LM head
+    LayerSkipDrafter(llama111, 1, view=view, exit_head=head).save(str(tmp_path / "ls"))
+    meta = json.load(open(tmp_path / "ls" / "config.json"))
+    assert meta["kind"] == "layer_skip" and meta["config"]["exit_head"] is True
+    meta["kind"] = "layerskip"
+    meta["config_sha256"] = config_digest(meta)
+    json.dump(meta, open(tmp_path / "ls" / "config.json", "w"))
+    loaded = load_drafter(str(tmp_path / "ls"), llama111)
+    assert isinstance(loaded, LayerSkipDrafter) and loaded.num_layers == 1
+    assert torch.equal(loaded.model.lm_head.weight, head["head"].weight)
+    assert not torch.equal(loaded.model.lm_head.weight, llama111.lm_head.weight)
+    with pytest.raises(UserError, match="needs its target"):
+        load_drafter(str(tmp_path / "ls"))
+
+
+def test_load_drafter_checks_the_vocabulary_of_every_kind(llama111, tmp_path):
+    drafter = NgramDrafter.create(2, V + 1).fit([[1, 2, 3]])
+    EnsembleDrafter([drafter, PromptLookupDrafter()]).save(str(tmp_path / "ens"))
+    assert isinstance(load_drafter(str(tmp_path / "ens")), EnsembleDrafter)
+    with pytest.raises(UserError, match=f"wrong vocab: the drafter has {V + 1} tokens, the target {V}"):
+        load_drafter(str(tmp_path / "ens"), llama111)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastspec
+from fastspec.distill.trainer import fit_neural_drafter
 from fastspec.drafters import (
     CNNDrafter,
     EnsembleDrafter,
@@ -68,9 +69,9 @@ def setups(tiny_t5, tiny_llama, t5_inputs, llama_inputs):
         ngram = NgramDrafter.create(3, model.config.vocab_size, smoothing=0.1, start_token_id=start).fit(outputs[:4])
         torch.manual_seed(0)
         cnn = CNNDrafter.from_target(model, dim=32, num_layers=2, kernel_size=3)
-        cnn.fit(sources[:4], outputs[:4], max_steps=25, batch_size=4, lr=3e-2)
+        fit_neural_drafter(cnn, sources[:4], outputs[:4], max_steps=25, batch_size=4, lr=3e-2)
         lstm = LSTMDrafter.from_target(model, dim=32, hidden_size=32)
-        lstm.fit(sources[:4], outputs[:4], max_steps=25, batch_size=4, lr=3e-2)
+        fit_neural_drafter(lstm, sources[:4], outputs[:4], max_steps=25, batch_size=4, lr=3e-2)
         result[name] = (model, ids, mask, ref, cnn, lstm, ngram)
     return result
 

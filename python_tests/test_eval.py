@@ -172,7 +172,8 @@ def test_eval_cli_baseline_vs_distilled(tmp_path):
     from fastspec.data import encode_references, load_examples
     from fastspec.distill.trainer import stamp_training
     from fastspec.drafters import NgramDrafter
-    from fastspec.eval import encode_prompts, load_target_and_tokenizer
+    from fastspec.data import encode_prompts
+    from fastspec.targets import load_target_and_tokenizer
 
     target_dir = save_tiny_target(tmp_path / "target")
     target, tokenizer = load_target_and_tokenizer(target_dir)
@@ -214,3 +215,40 @@ def test_eval_cli_user_errors(tmp_path, capsys):
     assert "no such drafter folder" in capsys.readouterr().err
     assert cli_main(["eval", "--target", "smollm2"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_eval_c_and_ideal_speedup_are_those_of_the_merged_engine_metrics(tiny_llama, monkeypatch):
+    """eval derives α, τ, c and the ideal speedup from the sum of the engine's metrics (one
+    definition, fastspec.metrics), not from its own sums; before, c divided by the time of every
+    target call, prefill included, and disagreed with metrics.c."""
+    from fastspec import engine
+    from fastspec.metrics import GenerationMetrics
+
+    target = tiny_llama
+    prompts = _prompts(target.config.vocab_size)
+    ar = fseval.decode_all(target, [fseval.Decoder("ar")], prompts, max_new_tokens=10, progress=False)["ar"]
+    drafter = ScriptedDrafter({tuple(p): o for p, o in zip(prompts, ar.outputs)})
+    reported = []
+    real_generate = engine.generate
+
+    def recording_generate(*args, **kwargs):
+        out = real_generate(*args, **kwargs)
+        if args[1] is drafter:
+            reported.append(out.metrics)
+        return out
+
+    monkeypatch.setattr(engine, "generate", recording_generate)
+    result = fseval.evaluate(target, None, [fseval.Decoder("scripted", drafter, 3)], prompts, None,
+                             max_new_tokens=10, gamma=3, progress=False)
+    row = next(r for r in result["rows"] if r["name"] == "scripted")
+    merged = sum(reported, GenerationMetrics())
+    assert len(reported) == len(prompts) and isinstance(merged, GenerationMetrics)
+    assert row["acceptance_rate"] == pytest.approx(merged.acceptance_rate) and 0 < row["acceptance_rate"] < 1
+    assert row["mean_accepted_length"] == pytest.approx(merged.mean_accepted_length)
+    assert row["per_position_acceptance"] == pytest.approx(merged.per_position_acceptance)
+    assert row["c"] == pytest.approx(merged.c)
+    assert row["ideal_speedup"] == pytest.approx(merged.ideal_speedup)
+    assert result["runs"]["scripted"].metrics.c == pytest.approx(merged.c)
+    # c divides by decode-step forwards only: the prefill (one target call per prompt) is not one
+    assert row["verify_calls"] == merged.verify_calls == row["num_steps"] == row["target_calls"] - len(prompts)
+    assert row["c"] > 0

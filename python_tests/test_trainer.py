@@ -229,29 +229,28 @@ def test_distilled_lstm_beats_baseline_alpha():
     assert alpha_kd > alpha_base + 0.05 and alpha_kd > 1.3 * alpha_base
 
 
-@pytest.mark.parametrize("kind", ["cnn", "layerskip", "ngram"])
+@pytest.mark.parametrize("kind", ["cnn", "layer_skip", "ngram"])
 def test_other_drafters_train_save_and_load(kind, tmp_path):
     import fastspec
-    from fastspec.distill.layerskip import load_layerskip_drafter
     from fastspec.distill.trainer import train_drafter
     from fastspec.drafters.io import load_drafter, read_config
 
     target = _spread(tiny_t5(vocab_size=V, seed=3, layers=2), seed=4)
     items = _items(12)
     records = [{"source_ids": it.source_ids, "reference_ids": it.reference_ids, "output_ids": it.output_ids} for it in items]
-    options = {"cnn": {"dim": 16}, "layerskip": {"num_layers": 1}, "ngram": None}[kind]
+    options = {"cnn": {"dim": 16}, "layer_skip": {"num_layers": 1}, "ngram": None}[kind]
     config = TrainConfig(out_dir=str(tmp_path), drafter=kind, max_steps=4, batch_size=4, loss=0.5, kd_loss=1.0, progress=False)
     trained = train_drafter(target, records, config, progress=False, drafter_options=options, ngram_n=3)
     folder = str(tmp_path / "drafter")
     meta = read_config(folder)
     expected_method = "seq_kd" if kind == "ngram" else "fkl"  # n-gram counts of target outputs = sequence-level KD
     assert meta["config"]["training"]["distill_method"] == expected_method and meta["config"]["training"]["drafter"] == kind
-    loaded = load_layerskip_drafter(folder, target) if kind == "layerskip" else load_drafter(folder)
+    loaded = load_drafter(folder, target)  # the one loader: every kind, the layer-skip exit head included
     ids = torch.tensor([items[0].source_ids])
     a = fastspec.generate(target, trained, input_ids=ids, gamma=3, max_new_tokens=8)
     b = fastspec.generate(target, loaded, input_ids=ids, gamma=3, max_new_tokens=8)
     assert torch.equal(a.sequences, b.sequences) and a.metrics["num_accepted_tokens"] == b.metrics["num_accepted_tokens"]
-    if kind == "layerskip":  # the exit head was trained, the target's own head is untouched
+    if kind == "layer_skip":  # the exit head was trained, the target's own head is untouched
         assert not torch.equal(loaded.model.lm_head.weight, target.lm_head.weight)
 
 
@@ -276,3 +275,35 @@ def test_teacher_logits_from_topk_cache(k, teacher, tmp_path):
         assert losses["cache"] == pytest.approx(losses["online"], rel=1e-5)
     else:
         assert losses["cache"] == pytest.approx(losses["online"], rel=0.2) and losses["cache"] > 0
+
+
+class _AlwaysEOS(torch.nn.Module):
+    """A CNN/LSTM-shaped module (ids [B,L], source [B,S] -> logits [B,L,V]) whose every next token is EOS."""
+
+    def __init__(self, eos):
+        super().__init__()
+        self.eos = eos
+        self.vocab_size = V
+        self.calls = 0
+
+    def forward(self, ids, source):
+        self.calls += 1
+        logits = torch.full((ids.shape[0], ids.shape[1], V), -1e4)
+        logits[..., self.eos] = 1e4
+        return logits
+
+
+def test_on_policy_samples_of_cnn_lstm_students_stop_at_eos():
+    """On-policy KD trains on the student's samples: nothing after the first EOS may be in them."""
+    from fastspec.distill.students import NeuralStudent, build_student
+
+    target = tiny_t5(vocab_size=V, seed=1)  # EOS id 1
+    student = build_student("lstm", target, options={"dim": 8, "hidden_size": 8})
+    assert isinstance(student, NeuralStudent) and student.eos_ids == [1]
+    student.module = student.drafter.model = _AlwaysEOS(eos=1)
+    samples = student.sample([[5, 6, 7], [8, 9]], max_new_tokens=10, device="cpu")
+    assert samples == [[1], [1]]
+    assert student.module.calls == 1  # every row finished: no more forwards
+    # rows end at their own EOS; a row without EOS runs to max_new_tokens
+    student.eos_ids = [V - 1]
+    assert student.sample([[5, 6]], max_new_tokens=4, device="cpu") == [[1, 1, 1, 1]]

@@ -364,21 +364,32 @@ def test_fuzz_native_equals_reference(B, gamma, V, scale, integer_logits, neg_in
     op=st.sampled_from(["greedy", "sample", "fused", "fused_sample", "process"]),
 )
 def test_fuzz_garbage_never_crashes(shape, dshape, value, token, op):
+    """Garbage in: either a ValueError/RuntimeError that says what is wrong, or valid outputs."""
     x = torch.full(shape, value)
     d = torch.full(dshape, token, dtype=torch.long)
     try:
         if op == "greedy":
-            ops.verify_greedy(x, d)
+            result = ops.verify_greedy(x, d)
         elif op == "sample":
-            ops.verify_sample(x, None, d)
+            result = ops.verify_sample(x, None, d)
         elif op == "fused":
-            ops.fused_verify(x, d)
+            result = ops.fused_verify(x, d)
         elif op == "fused_sample":
-            ops.fused_verify(x, d, do_sample=True, top_p=0.5)
+            result = ops.fused_verify(x, d, do_sample=True, top_p=0.5)
         else:
-            ops.process_logits(x, draft_tokens=d)
-    except (ValueError, RuntimeError):
-        pass
+            result = ops.process_logits(x, draft_tokens=d)
+    except (ValueError, RuntimeError) as err:
+        assert str(err).strip(), f"{op}: {type(err).__name__} without a message"
+        return
+    if op == "process":
+        assert result.shape == x.shape and result.dtype == torch.float32
+        if math.isfinite(value) and x.numel():
+            torch.testing.assert_close(result.sum(-1), torch.ones(x.shape[:-1]))
+        return
+    out, num_accepted = result
+    assert x.dim() == 3 and out.shape == (x.shape[0], x.shape[1]), "accepted input of the wrong rank"
+    assert_invariants(out, num_accepted, d)
+    assert bool((out < x.shape[-1]).all()), "a token outside the vocabulary"
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -10,6 +10,7 @@ from fastspec.data.example import DataError, Example
 from fastspec.data.prompts import (
     EncodedSources,
     default_max_source_length,
+    encode_prompts,
     encode_references,
     encode_sources,
     format_prompts,
@@ -18,7 +19,7 @@ from fastspec.data.prompts import (
 
 __all__ = [
     "DataError", "Example", "EncodedSources", "load_examples", "load_cnndm", "parse_story", "load_aclsum",
-    "load_aclsum_papers", "aclsum_dir", "ASPECTS", "SECTIONS", "encode_sources", "encode_references",
+    "load_aclsum_papers", "aclsum_dir", "ASPECTS", "SECTIONS", "encode_sources", "encode_prompts", "encode_references",
     "format_prompts", "prompt_template", "default_max_source_length",
 ]
 

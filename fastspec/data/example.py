@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from fastspec.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A user-facing problem with a data file (missing, corrupt, wrong columns)."""
 
 

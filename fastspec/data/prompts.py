@@ -14,6 +14,9 @@ import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+from fastspec import introspect
+from fastspec.errors import UserError
+
 SEQ2SEQ_PREFIX = "summarize: "
 CHAT_INSTRUCTION = "Summarize the following text in a few sentences."
 _PLACEHOLDER = "\u2063SOURCE\u2063"  # an invisible separator pair nobody writes by accident
@@ -28,16 +31,15 @@ class EncodedSources:
     max_source_length: int
 
 
-def default_max_source_length(tokenizer, config=None, fallback: int = 512) -> int:
-    """The tokenizer's model_max_length if it is a real limit, else the config's context size."""
+def default_max_source_length(tokenizer, model=None, fallback: int = 512) -> int:
+    """The tokenizer's model_max_length if it is a real limit, else the model's context size."""
     limits = []
     tok_max = getattr(tokenizer, "model_max_length", None)
     if tok_max is not None and tok_max < 1_000_000:
         limits.append(int(tok_max))
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None) if config is not None else None
-        if isinstance(value, int) and value > 0:
-            limits.append(value)
+    positions = introspect.max_positions(model) if model is not None else None
+    if positions:
+        limits.append(positions)
     return min(limits) if limits else fallback
 
 
@@ -80,7 +82,7 @@ def encode_sources(
     empty = tokenizer(head_text + tail_text, add_special_tokens=add_special)["input_ids"]
     budget = max_source_length - len(empty)
     if budget <= 0:
-        raise ValueError(f"max_source_length={max_source_length} leaves no room for the source (prompt alone is {len(empty)} tokens)")
+        raise UserError(f"max_source_length={max_source_length} leaves no room for the source (prompt alone is {len(empty)} tokens)")
     ids: List[List[int]] = []
     num_truncated = 0
     for start in range(0, len(sources), batch_size):
@@ -99,6 +101,17 @@ def encode_sources(
             stacklevel=2,
         )
     return EncodedSources(ids, num_truncated, max_source_length)
+
+
+def encode_prompts(tokenizer, model, sources: Sequence[str], max_source_length: Optional[int] = None) -> List[List[int]]:
+    """Prompt token ids for ``model`` (``summarize:`` prefix or chat template), each cut to the
+    smaller of ``max_source_length`` and what the tokenizer and the model's positions allow."""
+    limit = default_max_source_length(tokenizer, model)
+    if max_source_length:
+        limit = min(limit, max_source_length)
+    encoded = encode_sources(tokenizer, sources, is_encoder_decoder=introspect.is_encoder_decoder(model),
+                             max_source_length=limit)
+    return encoded.input_ids
 
 
 def _fit(tokenizer, head, tail, source_ids, budget, max_len, add_special):

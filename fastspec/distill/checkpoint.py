@@ -22,10 +22,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from fastspec.errors import UserError
+from fastspec.files import atomic_write_text
+
 LATEST = "latest"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A missing or corrupt checkpoint."""
 
 
@@ -54,16 +57,6 @@ def unflatten_optimizer_state(tensors: Dict[str, torch.Tensor], meta_json: str) 
     # JSON turned tuples (betas, Adafactor's eps) into lists; "params" is the only real list
     groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write-then-rename, fsynced: readers (and a resumed run) never see a half-written file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(

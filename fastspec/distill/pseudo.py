@@ -28,22 +28,17 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastspec.distill.checkpoint import atomic_write_text
+from fastspec import engine, introspect
 from fastspec.distill.distributed import DistInfo, barrier
-from fastspec.distill.teacher import (
-    eos_token_ids,
-    hf_model,
-    is_encoder_decoder,
-    pad_left,
-    pad_right,
-    pad_token_id,
-    teacher_forced_logits,
-)
+from fastspec.distill.losses import topk_to_logits
+from fastspec.distill.teacher import pad_left, pad_right, teacher_forced_logits
+from fastspec.errors import UserError
+from fastspec.files import atomic_write_text
 
 MERGED_NAME = "pseudo.jsonl"
 
 
-class PseudoDatasetError(ValueError):
+class PseudoDatasetError(UserError):
     """The output folder does not match this run, or a shard is corrupt."""
 
 
@@ -99,12 +94,6 @@ def strip_output(sequence: Sequence[int], eos_ids: Sequence[int], pad_id: int) -
     while out and out[-1] == pad_id:
         out.pop()
     return out
-
-
-def _default_generate(target, drafter, **kwargs):
-    import fastspec
-
-    return fastspec.generate(target, drafter, **kwargs)
 
 
 def _check_meta(out_dir: str, meta: dict, is_main: bool) -> None:
@@ -180,16 +169,16 @@ def generate_pseudo_dataset(
 
     Returns the merged file path on rank 0 (None on the others).
     ``generate_fn(target, drafter, input_ids=, attention_mask=, gamma=, **gen_kwargs)``
-    defaults to :func:`fastspec.generate`. ``on_batch_done(batch_index)`` runs after a
+    defaults to :func:`fastspec.engine.generate`. ``on_batch_done(batch_index)`` runs after a
     batch is durable (tests use it to simulate a crash).
     """
     from tqdm.auto import tqdm
 
     info = dist_info or DistInfo(0, 1, 0, torch.device("cpu"))
-    generate_fn = generate_fn or _default_generate
-    model = hf_model(target)
-    seq2seq = is_encoder_decoder(model)
-    pad_id, eos_ids = pad_token_id(model), eos_token_ids(model)
+    generate_fn = generate_fn or engine.generate
+    model = introspect.hf_model(target)
+    seq2seq = introspect.is_encoder_decoder(model)
+    pad_id, eos_ids = introspect.pad_token_id(model), introspect.eos_token_ids(model)
     if [r.index for r in sources] != list(range(len(sources))):
         raise ValueError("sources must be indexed 0..N-1 in order")
 
@@ -314,8 +303,6 @@ def load_pseudo_dataset(path: str) -> List[dict]:
 def load_topk_logits(pseudo_dir: str, record: dict, vocab_size: int) -> torch.Tensor:
     """Dense teacher logits [T,V] for one record from the top-k cache (see losses.topk_to_logits)."""
     from safetensors import safe_open
-
-    from fastspec.distill.losses import topk_to_logits
 
     if "logits_file" not in record:
         raise PseudoDatasetError("this pseudo-dataset has no logits cache (generate it with --topk_logits K)")

@@ -4,17 +4,45 @@ A student exposes
 * ``module``: the ``nn.Module`` whose parameters are trained (DDP wraps this);
 * ``logits(module, source_ids, output_ids, device)`` -> (logits [B,T,V], mask [B,T]):
   teacher-forced next-token logits, position t predicting ``output_ids[b][t]``;
-* ``sample(source_ids, max_new_tokens, device)`` -> per-row output ids (on-policy KD);
+* ``sample(source_ids, max_new_tokens, device)`` -> per-row output ids, each ending at its
+  first EOS (on-policy KD must not train on tokens after EOS);
 * ``vocab_size``.
 ``module`` is passed in so the call goes through the DDP wrapper when there is one.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import os
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from fastspec.distill.teacher import eos_token_ids, pad_right, teacher_forced_logits, vocab_size
+from fastspec import drafters, introspect
+from fastspec.distill.pseudo import strip_output
+from fastspec.distill.teacher import pad_left, pad_right, teacher_forced_logits
+from fastspec.drafters.layer_skip import LayerSkipDrafter, attach_exit_head, truncated_view
+from fastspec.errors import UserError
+
+
+class TrainingError(UserError):
+    """A user-facing problem with the training set-up (data, flags, the drafter asked for)."""
+
+
+def sample_until_eos(next_logits: Callable[[List[List[int]]], torch.Tensor], batch: int, max_new_tokens: int,
+                     eos_ids: Sequence[int]) -> List[List[int]]:
+    """Sample up to ``max_new_tokens`` per row from ``next_logits(outputs so far) -> [B,V]``; a row
+    stops after its first EOS token (kept), and sampling stops when every row has."""
+    outputs: List[List[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    eos = set(int(e) for e in eos_ids)
+    for _ in range(max_new_tokens):
+        tokens = torch.multinomial(next_logits(outputs).float().softmax(-1), 1)[:, 0].tolist()
+        for row, token in enumerate(tokens):
+            if not done[row]:
+                outputs[row].append(token)
+                done[row] = token in eos
+        if all(done):
+            break
+    return outputs
 
 
 class _Forward(torch.nn.Module):
@@ -40,18 +68,15 @@ class HFStudent:
     def __init__(self, model):
         self.model = model
         self.module = model
-        self.vocab_size = vocab_size(model)
+        self.vocab_size = introspect.vocab_size(model)
 
     def logits(self, module, source_ids, output_ids, device):
         return teacher_forced_logits(_Forward(module, self.model), source_ids, output_ids, device=device)
 
     @torch.no_grad()
     def sample(self, source_ids, max_new_tokens, device) -> List[List[int]]:
-        from fastspec.distill.pseudo import strip_output
-        from fastspec.distill.teacher import is_encoder_decoder, pad_left, pad_token_id
-
-        pad = pad_token_id(self.model)
-        seq2seq = is_encoder_decoder(self.model)
+        pad = introspect.pad_token_id(self.model)
+        seq2seq = introspect.is_encoder_decoder(self.model)
         ids, mask = (pad_right if seq2seq else pad_left)(source_ids, pad, device)
         was_training = self.model.training
         self.model.eval()
@@ -60,7 +85,7 @@ class HFStudent:
         )
         self.model.train(was_training)
         skip = 1 if seq2seq else ids.shape[1]
-        return [strip_output(row[skip:].tolist(), eos_token_ids(self.model), pad) or [pad] for row in out.cpu()]
+        return [strip_output(row[skip:].tolist(), introspect.eos_token_ids(self.model), pad) or [pad] for row in out.cpu()]
 
     def state_dict(self):
         return self.module.state_dict()
@@ -97,62 +122,122 @@ class TokenLMStudent:
 
     @torch.no_grad()
     def sample(self, source_ids, max_new_tokens, device) -> List[List[int]]:
-        outputs: List[List[int]] = [[] for _ in source_ids]
-        done = [False] * len(source_ids)
-        for _ in range(max_new_tokens):
+        def next_logits(outputs):
             rows = [self._context(s, o) for s, o in zip(source_ids, outputs)]
             ids, _ = pad_right(rows, self.pad_id, device)
-            logits = self.module(ids)  # [B,L,V]
             last = torch.tensor([len(r) - 1 for r in rows], device=device)
-            step_logits = logits[torch.arange(len(rows), device=device), last]  # [B,V]
-            tokens = torch.multinomial(step_logits.float().softmax(-1), 1)[:, 0].tolist()
-            for row, token in enumerate(tokens):
-                if not done[row]:
-                    outputs[row].append(token)
-                    done[row] = token in self.eos_ids
-            if all(done):
-                break
-        return outputs
+            return self.module(ids)[torch.arange(len(rows), device=device), last]  # [B,V]
+
+        return sample_until_eos(next_logits, len(source_ids), max_new_tokens, self.eos_ids)
 
     def state_dict(self):
         return self.module.state_dict()
 
 
+class NeuralStudent:
+    """The trainer's view of a CNN/LSTM drafter: the drafter reads ``[start] + outputs`` and is
+    conditioned on the source (see :mod:`fastspec.drafters.neural`).
+
+    eos_ids: the target's EOS ids; :meth:`sample` ends a row at its first EOS.
+    """
+
+    def __init__(self, drafter, eos_ids: Sequence[int] = ()):
+        self.drafter = drafter
+        self.module = drafter.model
+        self.vocab_size = drafter.model.vocab_size
+        self.eos_ids = list(eos_ids)
+
+    def _inputs(self, source_ids, outputs_prefix, device):
+        starts = [self.drafter.start_for(s) for s in source_ids]
+        rows = [[st] + list(o) for st, o in zip(starts, outputs_prefix)]
+        return pad_rows(rows, device), pad_rows(source_ids, device)
+
+    def logits(self, module, source_ids, output_ids, device):
+        """Teacher-forced logits [B,T,V] (position t predicts output_ids[b][t]) and mask [B,T]."""
+        ids, source = self._inputs(source_ids, [o[:-1] for o in output_ids], device)
+        logits = module(ids, source)  # [B,L,V]
+        width = max([len(o) for o in output_ids] + [1])
+        if logits.shape[1] < width:  # every output of length <= 1
+            logits = torch.nn.functional.pad(logits, (0, 0, 0, width - logits.shape[1]))
+        lengths = torch.tensor([len(o) for o in output_ids], device=device)
+        mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        return logits[:, :width], mask
+
+    @torch.no_grad()
+    def sample(self, source_ids, max_new_tokens, device) -> List[List[int]]:
+        def next_logits(outputs):
+            ids, source = self._inputs(source_ids, outputs, device)
+            last = torch.tensor([len(o) for o in outputs], device=device)
+            return self.module(ids, source)[torch.arange(len(outputs), device=device), last]  # [B,V]
+
+        return sample_until_eos(next_logits, len(source_ids), max_new_tokens, self.eos_ids)
+
+    def as_drafter(self):
+        return self.drafter
+
+    def save_drafter(self, folder: str) -> None:
+        self.drafter.save(folder)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], device, pad: int = -1) -> torch.Tensor:
+    """Right-pad python rows into [B,max_len] int64 (at least 1 column); -1 is the drafters' pad."""
+    ids, _ = pad_right(rows, pad, device)
+    return ids
+
+
+class ExitHeadStudent:
+    """``--drafter layer_skip``: ``module`` = trainable copies of the target's final norm + LM head
+    on top of its first ``num_layers`` decoder layers (every other weight stays the target's)."""
+
+    def __init__(self, target, num_layers: int = 1):
+        self.target = target
+        self.num_layers = int(num_layers)
+        self.view = truncated_view(target, self.num_layers)
+        self.module = attach_exit_head(self.view)
+        self.vocab_size = introspect.vocab_size(target)
+
+    def logits(self, module, source_ids, output_ids, device):
+        return teacher_forced_logits(_Forward(self.view, self.view), source_ids, output_ids, device=device)
+
+    def sample(self, source_ids, max_new_tokens, device):
+        return HFStudent(self.view).sample(source_ids, max_new_tokens, device)
+
+    def as_drafter(self) -> LayerSkipDrafter:
+        return LayerSkipDrafter(self.target, self.num_layers, view=self.view, exit_head=self.module)
+
+    def save_drafter(self, folder: str) -> None:
+        self.as_drafter().save(folder)
+
+
 # --------------------------------------------------------------------------- builders
 
-NEURAL_CLASSES = {"lstm": "LSTMDrafter", "cnn": "CNNDrafter"}
-
-
-def _hf_drafter_cls():
-    from fastspec.drafters.hf import HFDrafter
-
-    return HFDrafter
+NEURAL_CLASSES = {"lstm": drafters.LSTMDrafter, "cnn": drafters.CNNDrafter}
+DRAFTER_KINDS = ("t5small", "hf") + tuple(NEURAL_CLASSES) + ("layer_skip",)
 
 
 def fresh_hf_drafter_model(target, options: dict):
     """A small randomly initialised HF model with the target's vocabulary and special ids:
     T5 (gated-gelu) for seq2seq targets, Llama for causal ones. ``options`` override sizes."""
-    from fastspec.distill.teacher import pad_token_id
-
-    target_config = target.config
-    vocab = vocab_size(target)
-    if getattr(target_config, "is_encoder_decoder", False):
+    vocab = introspect.vocab_size(target)
+    eos = introspect.eos_token_ids(target)
+    special = dict(pad_token_id=introspect.pad_token_id(target), eos_token_id=eos if len(eos) > 1 else (eos or [None])[0])
+    if introspect.is_encoder_decoder(target):
         from transformers import T5Config, T5ForConditionalGeneration
 
         settings = dict(d_model=256, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4,
                         feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
         settings.update(options)
-        config = T5Config(vocab_size=vocab, decoder_start_token_id=target_config.decoder_start_token_id,
-                          pad_token_id=target_config.pad_token_id, eos_token_id=target_config.eos_token_id, **settings)
+        config = T5Config(vocab_size=vocab, decoder_start_token_id=introspect.decoder_start_token_id(target),
+                          **special, **settings)
         return T5ForConditionalGeneration(config)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     settings = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=getattr(target_config, "max_position_embeddings", 2048),
+                    num_key_value_heads=2, max_position_embeddings=introspect.max_positions(target) or 2048,
                     tie_word_embeddings=True)
     settings.update(options)
-    config = LlamaConfig(vocab_size=vocab, pad_token_id=pad_token_id(target), eos_token_id=target_config.eos_token_id,
-                         bos_token_id=getattr(target_config, "bos_token_id", None), **settings)
+    config = LlamaConfig(vocab_size=vocab, bos_token_id=getattr(introspect.text_config(target), "bos_token_id", None),
+                         **special, **settings)
     return LlamaForCausalLM(config)
 
 
@@ -160,77 +245,38 @@ class HFDrafterStudent(HFStudent):
     """HFStudent that turns into / saves as a :class:`fastspec.drafters.hf.HFDrafter`."""
 
     def as_drafter(self):
-        return _hf_drafter_cls()(self.model)
+        return drafters.HFDrafter(self.model)
 
     def save_drafter(self, folder: str) -> None:
         self.as_drafter().save(folder)
 
 
+def _hf_model_from(init_from: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if not os.path.isdir(init_from):
+        raise TrainingError(f"--init_from {init_from}: no such folder")
+    config = AutoConfig.from_pretrained(init_from)
+    loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return loader.from_pretrained(init_from)
+
+
 def build_student(kind: str, target, *, init_from: Optional[str] = None, options: Optional[dict] = None, seed: int = 0):
     """The trainable student for ``--drafter kind`` against ``target`` (an HF model)."""
-    from fastspec.distill.trainer import TrainingError
-
     options = dict(options or {})
     torch.manual_seed(seed)  # the drafter's initial weights are part of the run's seed
     if kind in ("t5small", "hf"):
-        if init_from:
-            from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-            if not __import__("os").path.isdir(init_from):
-                raise TrainingError(f"--init_from {init_from}: no such folder")
-            config = AutoConfig.from_pretrained(init_from)
-            loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-            model = loader.from_pretrained(init_from)
-        else:
-            model = fresh_hf_drafter_model(target, options)
-        if bool(model.config.is_encoder_decoder) != bool(target.config.is_encoder_decoder):
+        model = _hf_model_from(init_from) if init_from else fresh_hf_drafter_model(target, options)
+        if introspect.is_encoder_decoder(model) != introspect.is_encoder_decoder(target):
             raise TrainingError("the HF drafter and the target must both be seq2seq or both causal")
         return HFDrafterStudent(model.train())
     if kind in NEURAL_CLASSES:
-        return _neural_student(kind, target, options)
-    if kind == "layerskip":
-        return _layerskip_student(target, options)
-    raise TrainingError(f"unknown drafter {kind!r}; choose from ngram, cnn, lstm, t5small, hf, layerskip")
-
-
-def _neural_student(kind, target, options):
-    from fastspec import drafters
-    from fastspec.distill.trainer import TrainingError
-
-    name = NEURAL_CLASSES[kind]
-    cls = getattr(drafters, name, None)
-    if cls is None:
-        raise TrainingError(f"--drafter {kind} needs fastspec.drafters.{name}, which this build does not have")
-    try:
-        drafter = cls.from_target(target, **options)
-    except TypeError as err:  # an unknown --drafter_config key
-        raise TrainingError(f"--drafter_config does not fit {name}: {err}") from None
-    return DrafterStudent(drafter, drafter.student())
-
-
-def _layerskip_student(target, options):
-    from fastspec.distill.layerskip import ExitHeadStudent
-
-    return ExitHeadStudent(target, **options)
-
-
-class DrafterStudent:
-    """A drafter's own trainer view (``drafter.student()``: module / logits / sample /
-    vocab_size) plus what train_drafter needs: ``as_drafter`` and ``save_drafter``."""
-
-    def __init__(self, drafter, inner):
-        self.drafter, self.inner = drafter, inner
-        self.module = inner.module
-        self.vocab_size = inner.vocab_size
-
-    def logits(self, module, source_ids, output_ids, device):
-        return self.inner.logits(module, source_ids, output_ids, device)
-
-    def sample(self, source_ids, max_new_tokens, device):
-        return self.inner.sample(source_ids, max_new_tokens, device)
-
-    def as_drafter(self):
-        return self.drafter
-
-    def save_drafter(self, folder: str) -> None:
-        self.drafter.save(folder)
+        cls = NEURAL_CLASSES[kind]
+        try:
+            drafter = cls.from_target(target, **options)
+        except TypeError as err:  # an unknown --drafter_config key
+            raise TrainingError(f"--drafter_config does not fit {cls.__name__}: {err}") from None
+        return NeuralStudent(drafter, introspect.eos_token_ids(target))
+    if kind == "layer_skip":
+        return ExitHeadStudent(target, **options)
+    raise TrainingError(f"unknown drafter {kind!r}; choose from ngram, {', '.join(DRAFTER_KINDS)}")

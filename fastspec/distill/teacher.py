@@ -6,83 +6,32 @@ through here, so both model kinds are handled in one place.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 
-
-def hf_model(target):
-    """The ``transformers`` model behind a fastspec target (or the model itself)."""
-    from transformers import PreTrainedModel
-
-    if isinstance(target, PreTrainedModel):
-        return target
-    for name in ("model", "hf_model"):
-        inner = getattr(target, name, None)
-        if isinstance(inner, torch.nn.Module):
-            return inner
-    if isinstance(target, torch.nn.Module):
-        return target
-    raise TypeError(f"cannot find a transformers model in {type(target).__name__}")
-
-
-def is_encoder_decoder(model) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
-def pad_token_id(model) -> int:
-    config = model.config
-    for value in (getattr(config, "pad_token_id", None), _first(getattr(config, "eos_token_id", None))):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def eos_token_ids(model) -> List[int]:
-    gen = getattr(model, "generation_config", None)
-    value = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if value is None:
-        value = getattr(model.config, "eos_token_id", None)
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-
-
-def vocab_size(model) -> int:
-    """Logit width: the output embedding rows (may exceed the tokenizer's size)."""
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is not None and getattr(out, "weight", None) is not None:
-        return int(out.weight.shape[0])
-    return int(model.config.vocab_size)
-
-
-def _first(value):
-    if isinstance(value, (list, tuple)):
-        return value[0] if value else None
-    return value
+from fastspec import introspect
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device=None):
     """Lists of ids -> (ids [B,L] int64, mask [B,L] int64), right padded."""
-    longest = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), max(longest, 1)), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(seqs):
-        if len(seq):
-            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
+    return _pad(seqs, pad_id, device, left=False)
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device=None):
     """Lists of ids -> (ids [B,L], mask [B,L]), left padded (causal generation)."""
+    return _pad(seqs, pad_id, device, left=True)
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device, left: bool):
     longest = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), max(longest, 1)), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(seqs):
         if len(seq):
-            ids[row, longest - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, longest - len(seq) :] = 1
+            start = longest - len(seq) if left else 0
+            ids[row, start : start + len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, start : start + len(seq)] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -98,13 +47,12 @@ def teacher_forced_logits(
     Returns (logits [B,T,V] float, mask [B,T] bool) with T = the longest output; row b's
     position t predicts output_ids[b][t].
     """
-    device = device if device is not None else next(model.parameters()).device
-    pad = pad_token_id(model)
+    device = device if device is not None else introspect.model_device(model)
+    pad = introspect.pad_token_id(model)
     out_ids, out_mask = pad_right(output_ids, pad, device)  # [B,T]
-    if is_encoder_decoder(model):
+    if introspect.is_encoder_decoder(model):
         src, src_mask = pad_right(source_ids, pad, device)  # [B,S]
-        start = model.config.decoder_start_token_id
-        start = pad if start is None else int(start)
+        start = introspect.decoder_start_token_id(model)
         dec_in = torch.cat([torch.full_like(out_ids[:, :1], start), out_ids[:, :-1]], dim=1)  # [B,T]
         dec_mask = torch.cat([torch.ones_like(out_mask[:, :1]), out_mask[:, :-1]], dim=1)
         logits = model(

@@ -29,23 +29,20 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastspec.distill.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from fastspec.distill.distributed import DistInfo
+from fastspec import engine, introspect
+from fastspec.data import encode_prompts, encode_references, load_examples
+from fastspec.distill.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastspec.distill.distributed import DistInfo, init_distributed, shutdown
 from fastspec.distill.losses import DIVERGENCES, divergence, masked_cross_entropy
-from fastspec.distill.teacher import hf_model, teacher_forced_logits
+from fastspec.distill.pseudo import load_pseudo_dataset, load_topk_logits
+from fastspec.distill.students import NeuralStudent, TrainingError, build_student
+from fastspec.distill.teacher import pad_left, pad_right, teacher_forced_logits
+from fastspec.drafters import NgramDrafter
+from fastspec.drafters.folder import update_config
+from fastspec.targets import load_target_and_tokenizer
 
 DISTILL_METHODS = ("seq_kd",) + DIVERGENCES + ("on_policy",)
 LOG_FIELDS = ("step", "loss", "ce", "kd", "lr", "grad_norm", "tokens", "time_s", "eval_alpha")
-
-
-class TrainingError(ValueError):
-    """A user-facing problem with the training set-up."""
 
 
 @dataclass
@@ -172,7 +169,7 @@ class Trainer:
         if not items:
             raise TrainingError("no training data")
         self.student, self.items, self.config = student, list(items), config
-        self.teacher = hf_model(teacher) if teacher is not None else None
+        self.teacher = introspect.hf_model(teacher) if teacher is not None else None
         self.info = dist_info or DistInfo(0, 1, 0, torch.device("cpu"))
         self.eval_fn, self.save_fn, self.pseudo_dir, self.on_step_end = eval_fn, save_fn, pseudo_dir, on_step_end
         self._check_setup()
@@ -186,8 +183,8 @@ class Trainer:
         if self.info.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            if config.drafter == "layerskip":
-                raise TrainingError("--drafter layerskip is not supported under torchrun (its forward is the target's)")
+            if config.drafter == "layer_skip":
+                raise TrainingError("--drafter layer_skip is not supported under torchrun (its forward is the target's)")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.module = DistributedDataParallel(self.student.module, device_ids=ids)
         self.optimizer = make_optimizer(self.student.module.parameters(), config)
@@ -213,9 +210,7 @@ class Trainer:
         if needs_teacher and self.teacher is None:
             raise TrainingError(f"--distill_method {c.distill_method} needs the target for online logits")
         if self.teacher is not None:
-            from fastspec.distill.teacher import vocab_size
-
-            tv = vocab_size(self.teacher)
+            tv = introspect.vocab_size(self.teacher)
             if tv != self.student.vocab_size:
                 raise TrainingError(f"wrong vocab: the drafter has {self.student.vocab_size} logits, the target {tv}")
         if c.loss > 0 and not any(it.reference_ids for it in self.items):
@@ -236,9 +231,6 @@ class Trainer:
     def _teacher_logits(self, sources, outputs, rows: List[TrainItem]):
         c = self.config
         if c.teacher_logits == "cache" and c.distill_method != "on_policy":
-            from fastspec.distill.pseudo import load_topk_logits
-            from fastspec.distill.teacher import pad_right
-
             dense = [load_topk_logits(self.pseudo_dir, it.record, self.student.vocab_size) for it in rows]
             T = max([d.shape[0] for d in dense] + [1])
             out = torch.zeros(len(dense), T, self.student.vocab_size)
@@ -417,15 +409,6 @@ def _labels(seqs: Sequence[Sequence[int]], width: int, device) -> torch.Tensor:
     return labels.to(device)
 
 
-def fit_ngram(table, sequences: Sequence[Sequence[int]]):
-    """n-gram drafters are not trained by gradients: fit the counts and return the table."""
-    seqs = [list(s) for s in sequences if s]
-    if not seqs:
-        raise TrainingError("no sequences to fit the n-gram table on")
-    table.fit(seqs)
-    return table
-
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -449,29 +432,18 @@ def training_metadata(config: TrainConfig, **extra) -> dict:
 
 def stamp_training(folder: str, training: dict) -> None:
     """Record how the drafter was trained in its config.json (``config.training``)."""
-    path = os.path.join(folder, "config.json")
-    with open(path, encoding="utf-8") as handle:
-        meta = json.load(handle)
-    meta.setdefault("config", {})["training"] = training
-    if "config_sha256" in meta:  # io.py checksums config.json: re-seal it with the same digest function
-        from fastspec.drafters.io import _config_digest
-
-        meta["config_sha256"] = _config_digest(meta)
-    atomic_write_text(path, json.dumps(meta, indent=2, sort_keys=True))
+    update_config(folder, "training", training)
 
 
 def acceptance_eval_fn(target, student, prompts: Sequence[Sequence[int]], *, gamma: int, max_new_tokens: int, device):
     """eval_fn for the Trainer: α of the current student as a drafter on ``prompts`` (greedy)."""
-    import fastspec
-    from fastspec.distill.teacher import is_encoder_decoder, pad_left, pad_right, pad_token_id
-
-    model = hf_model(target)
-    pad = pad_right if is_encoder_decoder(model) else pad_left
-    ids, mask = pad(prompts, pad_token_id(model), device)
+    model = introspect.hf_model(target)
+    pad = pad_right if introspect.is_encoder_decoder(model) else pad_left
+    ids, mask = pad(prompts, introspect.pad_token_id(model), device)
 
     def run(step: int) -> dict:
         with torch.no_grad():
-            out = fastspec.generate(model, student.as_drafter(), input_ids=ids, attention_mask=mask, gamma=gamma,
+            out = engine.generate(model, student.as_drafter(), input_ids=ids, attention_mask=mask, gamma=gamma,
                                     max_new_tokens=max_new_tokens, do_sample=False)
         return {"alpha": float(out.metrics["acceptance_rate"])}
 
@@ -479,10 +451,9 @@ def acceptance_eval_fn(target, student, prompts: Sequence[Sequence[int]], *, gam
 
 
 def fit_ngram_drafter(records: Sequence[dict], vocab: int, n: int, *, use_references: bool, use_outputs: bool,
-                      start_token_id: Optional[int] = None):
-    """``--drafter ngram``: counts on references (baseline) and/or target outputs (distilled)."""
-    from fastspec.drafters import NgramDrafter
-
+                      start_token_id: Optional[int] = None, smoothing: float = 1.0) -> NgramDrafter:
+    """``--drafter ngram``: counts on references (baseline) and/or the target's outputs (distilled:
+    records of a pseudo-dataset, :func:`fastspec.distill.pseudo.load_pseudo_dataset`)."""
     sequences = []
     for r in records:
         if use_references and r.get("reference_ids"):
@@ -491,7 +462,7 @@ def fit_ngram_drafter(records: Sequence[dict], vocab: int, n: int, *, use_refere
             sequences.append(r["output_ids"])
     if not sequences:
         raise TrainingError("no sequences to fit the n-gram drafter on (references or pseudo outputs)")
-    drafter = NgramDrafter.create(n, vocab, start_token_id=start_token_id)
+    drafter = NgramDrafter.create(n, vocab, smoothing=smoothing, start_token_id=start_token_id)
     drafter.fit(sequences)
     return drafter
 
@@ -505,14 +476,11 @@ def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progr
     records: dicts with ``source_ids`` and ``reference_ids`` and/or ``output_ids`` (a loaded
     pseudo-dataset, or encoded examples).
     """
-    from fastspec.distill.students import build_student
-    from fastspec.distill.teacher import vocab_size
-
     config.progress = progress
-    model = hf_model(target)
+    model = introspect.hf_model(target)
     if config.drafter == "ngram":
-        start = model.config.decoder_start_token_id if model.config.is_encoder_decoder else None
-        drafter = fit_ngram_drafter(records, vocab_size(model), ngram_n, use_references=config.loss > 0,
+        start = introspect.decoder_start_token_id(model)  # None for causal targets
+        drafter = fit_ngram_drafter(records, introspect.vocab_size(model), ngram_n, use_references=config.loss > 0,
                                     use_outputs=config.kd_loss > 0, start_token_id=start)
         if config.out_dir:
             folder = os.path.join(config.out_dir, "drafter")
@@ -540,13 +508,23 @@ def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progr
     return student.as_drafter()
 
 
+def fit_neural_drafter(drafter, sources: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], *, max_steps: int = 200,
+                batch_size: int = 16, lr: float = 3e-3, seed: int = 0, progress: bool = False,
+                eos_ids: Sequence[int] = (), **config) -> TrainResult:
+    """Cross-entropy training of a CNN/LSTM drafter on (source, output) pairs, in place.
+    ``config``: more :class:`TrainConfig` fields."""
+    items = [TrainItem(index=i, source_ids=list(s), reference_ids=list(o)) for i, (s, o) in enumerate(zip(sources, outputs))]
+    train_config = TrainConfig(drafter=drafter.kind, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
+                               progress=progress, ckpt_every=0, **config)
+    drafter.model.train()
+    try:
+        return Trainer(NeuralStudent(drafter, eos_ids), items, train_config).train()
+    finally:
+        drafter.model.eval()
+
+
 def train_from_cli(args, drafter_options: dict) -> int:
     """``fastspec train``: load target + data, train, save ``<output_root>/<exp_name>/drafter``."""
-    from fastspec.data import encode_references, load_examples
-    from fastspec.distill.distributed import init_distributed, shutdown
-    from fastspec.distill.pseudo import load_pseudo_dataset
-    from fastspec.eval import encode_prompts, load_target_and_tokenizer
-
     out_dir = os.path.join(args.output_root, args.exp_name)
     config = TrainConfig(
         out_dir=out_dir, drafter=args.drafter, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,

@@ -26,7 +26,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from fastspec.drafters.base import CommitInfo, DraftOutput, Drafter, DraftRequest, DraftStep
-from fastspec.drafters.io import load_folder, save_folder
+from fastspec.drafters.folder import save_folder
+from fastspec.errors import UserError
 
 
 class EnsembleDrafter(Drafter):
@@ -151,24 +152,17 @@ class EnsembleDrafter(Drafter):
         save_folder(folder, "ensemble", config)
 
     @classmethod
-    def load(cls, folder: str, **kwargs) -> "EnsembleDrafter":
-        """kwargs go to every sub-drafter's load (e.g. target= for a LayerSkipDrafter)."""
-        from fastspec.drafters.io import load_drafter, read_config
-
-        config, _ = load_folder(folder, "ensemble")
-        drafters = []
+    def from_config(cls, config: dict, drafters: Sequence[Drafter], folder: str = "") -> "EnsembleDrafter":
+        """The ensemble saved with ``config`` around its loaded ``drafters`` (``fastspec.drafters.io.load_drafter``
+        loads the members, whose kinds it knows)."""
+        if not drafters:
+            raise UserError(f"corrupted ensemble config in {folder!r}: no member drafters")
         try:
-            for sub in config["drafters"]:
-                path = os.path.join(folder, sub)
-                loader_kwargs = {}
-                if read_config(path)["kind"] == "layer_skip":
-                    loader_kwargs = {k: v for k, v in kwargs.items() if k == "target"}
-                drafters.append(load_drafter(path, **loader_kwargs))
             return cls(drafters, names=config["names"], exploration=float(config["exploration"]),
                        cost_aware=bool(config["cost_aware"]), reset_per_request=bool(config["reset_per_request"]),
                        costs=config.get("costs"))
         except (KeyError, TypeError) as e:
-            raise ValueError(f"corrupted ensemble config in {folder!r}: {e}") from None
+            raise UserError(f"corrupted ensemble config in {folder!r}: {e}") from None
 
 
 __all__ = ["EnsembleDrafter"]

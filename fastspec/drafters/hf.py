@@ -20,19 +20,12 @@ from typing import Optional
 
 import torch
 
-from fastspec import ops
+from fastspec import introspect, ops
 from fastspec.cache import cache_length, crop_cache, new_cache
 from fastspec.drafters.base import DraftOutput, Drafter, DraftRequest, DraftStep
 from fastspec.drafters.context import decoder_sequences, request_source
-from fastspec.drafters.io import file_sha256, load_folder, save_folder
-
-
-def model_vocab_size(model) -> int:
-    """Number of logits the model emits (T5 pads its 32100 tokens to 32128)."""
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
+from fastspec.drafters.folder import file_sha256, load_folder, save_folder
+from fastspec.errors import UserError
 
 
 class HFDrafter(Drafter):
@@ -46,8 +39,8 @@ class HFDrafter(Drafter):
 
     def __init__(self, model, *, generator: Optional[torch.Generator] = None):
         self.model = model.eval()
-        self.vocab_size = model_vocab_size(model)
-        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.vocab_size = introspect.vocab_size(model)
+        self.is_encoder_decoder = introspect.is_encoder_decoder(model)
         self.generator = generator
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -63,7 +56,7 @@ class HFDrafter(Drafter):
             kind = "seq2seq" if self.is_encoder_decoder else "causal"
             target = "seq2seq" if request.is_encoder_decoder else "causal"
             raise ValueError(f"a {kind} HF drafter cannot draft for a {target} target")
-        self._device = next(self.model.parameters()).device
+        self._device = introspect.model_device(self.model)
         self._source = None if request.is_encoder_decoder else request_source(request)
         self._encoder_outputs = None
         if self.is_encoder_decoder:
@@ -191,8 +184,8 @@ class HFDrafter(Drafter):
         try:
             model = loader.from_pretrained(path, use_safetensors=True)
         except Exception as e:  # HF raises OSError/ValueError/SafetensorError depending on the damage
-            raise ValueError(f"corrupted HF drafter model in {path!r}: {type(e).__name__}: {e}") from None
+            raise UserError(f"corrupted HF drafter model in {path!r}: {type(e).__name__}: {e}") from None
         return cls(model, **kwargs)
 
 
-__all__ = ["HFDrafter", "model_vocab_size"]
+__all__ = ["HFDrafter"]

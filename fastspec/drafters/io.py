@@ -1,133 +1,76 @@
-"""Saving and loading drafters: one folder, ``config.json`` + ``model.safetensors``, no pickle.
+"""Loading any saved drafter: :func:`load_drafter` is the one loader (CLI, eval, demo, scripts).
 
-Every drafter goes through :func:`save_folder` / :func:`load_folder`. The config records the
-drafter kind, a format version and the SHA-256 of the weights file, so a truncated or
-edited checkpoint fails with a clear ``ValueError`` instead of loading garbage.
+The folder format itself (``config.json`` + ``model.safetensors``, checksummed) is in
+:mod:`fastspec.drafters.folder`; its functions are re-exported here.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
-import torch
-
-FORMAT_NAME = "fastspec-drafter"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def save_folder(
-    folder: str,
-    kind: str,
-    config: dict,
-    tensors: Optional[Dict[str, torch.Tensor]] = None,
-    extra_files: Optional[Dict[str, str]] = None,
-) -> None:
-    """Write ``config.json`` (+ ``model.safetensors`` when ``tensors`` is given).
-
-    extra_files: {name in folder: sha256} of files the drafter wrote itself (e.g. the
-        n-gram table's own binary), checked on load like the weights.
-    """
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind, "config": config, "files": {}}
-    if tensors is not None:
-        path = os.path.join(folder, WEIGHTS_FILE)
-        # safetensors refuses shared/non-contiguous storage: store independent copies.
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, path)
-        meta["files"][WEIGHTS_FILE] = _sha256(path)
-    for name, digest in (extra_files or {}).items():
-        meta["files"][name] = digest
-    meta["config_sha256"] = _config_digest(meta)
-    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+from fastspec import introspect
+from fastspec.drafters.folder import (  # noqa: F401  (re-exported: the drafter folder format)
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    canonical_kind,
+    file_sha256,
+    load_folder,
+    read_config,
+    save_folder,
+    update_config,
+)
+# modules, not classes: prompt_lookup imports this module while it is itself being imported
+from fastspec.drafters import cnn, ensemble, hf, layer_skip, lstm, ngram, prompt_lookup
+from fastspec.errors import UserError
 
 
-def _config_digest(meta: dict) -> str:
-    """SHA-256 of the canonical JSON of everything in config.json but this digest."""
-    body = {k: v for k, v in meta.items() if k != "config_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file, for ``save_folder(extra_files=...)``."""
-    return _sha256(path)
-
-
-def read_config(folder: str) -> dict:
-    """The parsed and checked ``config.json`` of a drafter folder (no weights read)."""
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder!r} is not a fastspec drafter folder: {CONFIG_FILE} is missing")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"corrupted drafter config {path!r}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path!r} is not a fastspec drafter config (format field missing or wrong)")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path!r} has drafter format version {meta.get('version')!r}; this fastspec reads {FORMAT_VERSION}")
-    for key in ("kind", "config", "files", "config_sha256"):
-        if key not in meta:
-            raise ValueError(f"corrupted drafter config {path!r}: field {key!r} missing")
-    if meta["config_sha256"] != _config_digest(meta):
-        raise ValueError(f"corrupted drafter config {path!r}: its checksum does not match its content")
-    return meta
-
-
-def load_folder(folder: str, kind: Optional[str] = None) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """Read a drafter folder: returns (config, tensors); tensors is {} when none were saved.
-
-    Raises ValueError for a missing/corrupted file, a checksum mismatch or a wrong ``kind``.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    meta = read_config(folder)
-    if kind is not None and meta["kind"] != kind:
-        raise ValueError(f"{folder!r} holds a {meta['kind']!r} drafter, not a {kind!r} one")
-    for name, digest in meta["files"].items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise ValueError(f"drafter folder {folder!r} is incomplete: {name} is missing")
-        if _sha256(path) != digest:
-            raise ValueError(f"corrupted drafter file {path!r}: checksum does not match config.json")
-    tensors: Dict[str, torch.Tensor] = {}
-    if WEIGHTS_FILE in meta["files"]:
-        try:
-            tensors = load_file(os.path.join(folder, WEIGHTS_FILE))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"corrupted drafter weights in {folder!r}: {e}") from None
-    return meta["config"], tensors
-
-
-def load_drafter(folder: str, **kwargs):
-    """Load any saved drafter by the kind written in its config.json."""
-    from fastspec import drafters
-
-    kind = read_config(folder)["kind"]
-    classes = {
-        "ngram": "NgramDrafter",
-        "prompt_lookup": "PromptLookupDrafter",
-        "cnn": "CNNDrafter",
-        "lstm": "LSTMDrafter",
-        "hf": "HFDrafter",
-        "layer_skip": "LayerSkipDrafter",
-        "ensemble": "EnsembleDrafter",
+def _drafter_classes() -> dict:
+    """kind written in config.json -> the class whose ``load(folder)`` reads it."""
+    return {
+        "ngram": ngram.NgramDrafter,
+        "prompt_lookup": prompt_lookup.PromptLookupDrafter,
+        "cnn": cnn.CNNDrafter,
+        "lstm": lstm.LSTMDrafter,
+        "hf": hf.HFDrafter,
     }
-    if kind not in classes:
-        raise ValueError(f"{folder!r}: unknown drafter kind {kind!r}")
-    return getattr(drafters, classes[kind]).load(folder, **kwargs)
+
+
+def load_drafter(folder: str, target=None):
+    """The drafter saved in ``folder``, whatever its kind.
+
+    target: the target model the drafter will serve. Layer-skip drafters (alone or inside an
+        ensemble) need it, since their weights are the target's; with it, a drafter whose
+        vocabulary differs from the target's is refused here rather than at the first draft.
+    Raises :class:`~fastspec.errors.UserError` for a missing, corrupt or mismatched folder.
+    """
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: no such drafter folder (missing checkpoint)")
+    kind = canonical_kind(read_config(folder)["kind"])
+    if kind == "layer_skip":
+        if target is None:
+            raise UserError(f"{folder}: a layer-skip drafter needs its target (load_drafter(folder, target=...))")
+        drafter = layer_skip.LayerSkipDrafter.load(folder, introspect.hf_model(target))
+    elif kind == "ensemble":
+        config, _ = load_folder(folder, "ensemble")
+        members = [load_drafter(os.path.join(folder, sub), target) for sub in config.get("drafters", [])]
+        drafter = ensemble.EnsembleDrafter.from_config(config, members, folder)
+    elif kind in _drafter_classes():
+        drafter = _drafter_classes()[kind].load(folder)
+    else:
+        raise UserError(f"{folder!r}: unknown drafter kind {kind!r}")
+    if target is not None:
+        check_vocabulary(drafter, target, folder)
+    return drafter
+
+
+def check_vocabulary(drafter, target, where: Optional[str] = None) -> None:
+    """A drafter must score the target's tokens: same vocabulary size (None adapts to any)."""
+    theirs, ours = getattr(drafter, "vocab_size", None), introspect.vocab_size(introspect.hf_model(target))
+    if theirs is not None and int(theirs) != ours:
+        raise UserError(f"{where or type(drafter).__name__}: wrong vocab: the drafter has {theirs} tokens, the target {ours}")
+
+
+__all__ = ["load_drafter", "check_vocabulary", "save_folder", "load_folder", "read_config", "update_config",
+           "file_sha256"]

@@ -5,6 +5,10 @@ with its decoder cut after layer k, keeping the final norm and the LM head, so i
 weights. The view shares every parameter with the target (no copy); its forward is the target
 class's own forward, so T5 keeps its decoder ``final_layer_norm`` and the ``d_model**-0.5``
 scaling before a tied head. Drafting, the KV cache and its rollback are :class:`HFDrafter`'s.
+
+The exit (final norm + LM head) was trained to read the *last* layer; ``fastspec train
+--drafter layer_skip`` fits trainable copies of it to layer k (:func:`attach_exit_head`), which
+the drafter folder then stores (``exit_head: true``); every other weight stays the target's.
 """
 from __future__ import annotations
 
@@ -12,8 +16,12 @@ import copy
 
 import torch
 
+from fastspec import introspect
+from fastspec.drafters.folder import load_folder, save_folder
 from fastspec.drafters.hf import HFDrafter
-from fastspec.drafters.io import load_folder, save_folder
+from fastspec.errors import UserError
+
+KIND = "layer_skip"
 
 
 def _shallow(module: torch.nn.Module) -> torch.nn.Module:
@@ -35,7 +43,7 @@ def truncated_view(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
     config = copy.deepcopy(model.config)
     view = _shallow(model)
     view.config = config
-    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "decoder") and hasattr(model.decoder, "block"):
+    if introspect.is_encoder_decoder(model) and hasattr(model, "decoder") and hasattr(model.decoder, "block"):
         total = len(model.decoder.block)
         _check_k(k, total)
         decoder = _shallow(model.decoder)
@@ -63,6 +71,35 @@ def truncated_view(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
     raise ValueError(f"LayerSkipDrafter does not know where the decoder layers of {type(model).__name__} are")
 
 
+def _exit_modules(view):
+    """(owner, attribute) of the final norm and of the LM head inside a truncated view."""
+    if introspect.is_encoder_decoder(view):
+        return (view.decoder, "final_layer_norm"), (view, "lm_head")
+    for outer in ("model", "transformer"):
+        base = getattr(view, outer, None)
+        for name in ("norm", "ln_f"):
+            if base is not None and isinstance(getattr(base, name, None), torch.nn.Module):
+                return (base, name), (view, "lm_head")
+    raise ValueError(f"cannot find the final norm of {type(view).__name__}")
+
+
+def attach_exit_head(view, state=None) -> torch.nn.ModuleDict:
+    """Give ``view`` its own trainable copies of the final norm + LM head (loaded from ``state``
+    when given); the target's own modules are untouched."""
+    (norm_owner, norm_name), (head_owner, head_name) = _exit_modules(view)
+    head = torch.nn.ModuleDict({
+        "norm": copy.deepcopy(getattr(norm_owner, norm_name)),
+        "head": copy.deepcopy(getattr(head_owner, head_name)),
+    })
+    if state is not None:
+        head.load_state_dict(state, strict=True)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    setattr(norm_owner, norm_name, head["norm"])
+    setattr(head_owner, head_name, head["head"])
+    return head
+
+
 def _check_k(k: int, total: int) -> None:
     if not 1 <= k <= total:
         raise ValueError(f"num_layers must be in [1, {total}] (the target's decoder layers), got {k}")
@@ -74,34 +111,43 @@ class LayerSkipDrafter(HFDrafter):
     Args:
         target: the HF target model itself (seq2seq T5-family or causal).
         num_layers: decoder layers kept (1 .. all).
+        view: an already truncated view of ``target`` (e.g. one whose exit head was trained).
+        exit_head: the view's own norm + head copies (:func:`attach_exit_head`), saved with the drafter.
     """
 
-    def __init__(self, target: torch.nn.Module, num_layers: int = 1, **kwargs):
+    def __init__(self, target: torch.nn.Module, num_layers: int = 1, *, view=None, exit_head=None, **kwargs):
         self.num_layers = int(num_layers)
-        super().__init__(truncated_view(target, self.num_layers), **kwargs)
+        self.exit_head = exit_head
+        super().__init__(view if view is not None else truncated_view(target, self.num_layers), **kwargs)
 
     def save(self, folder: str) -> None:
-        """Only the config: the weights are the target's (pass it again to :meth:`load`)."""
-        save_folder(folder, "layer_skip", {"num_layers": self.num_layers})
+        """The config, plus the trained exit head if there is one; the other weights are the
+        target's (pass it again to :meth:`load`)."""
+        if self.exit_head is None:
+            save_folder(folder, KIND, {"num_layers": self.num_layers})
+        else:
+            save_folder(folder, KIND, {"num_layers": self.num_layers, "exit_head": True}, self.exit_head.state_dict())
 
     @classmethod
     def load(cls, folder: str, target=None, **kwargs) -> "LayerSkipDrafter":
-        config, tensors = load_folder(folder, "layer_skip")
+        config, tensors = load_folder(folder, KIND)
         if target is None:
-            raise ValueError("LayerSkipDrafter.load needs target=: the drafter is the target's own first layers")
+            raise UserError("LayerSkipDrafter.load needs target=: the drafter is the target's own first layers")
         try:
             num_layers = int(config["num_layers"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"corrupted layer-skip config in {folder!r}: {e}") from None
-        drafter = cls(target, num_layers, **kwargs)
-        if config.get("exit_head"):  # fine-tuned by `fastspec train --drafter layerskip`
-            from fastspec.distill.layerskip import attach_exit_head
-
+            raise UserError(f"corrupted layer-skip config in {folder!r}: {e}") from None
+        try:
+            view = truncated_view(target, num_layers)
+        except ValueError as err:
+            raise UserError(f"{folder}: {err}") from None
+        exit_head = None
+        if config.get("exit_head"):
             try:
-                attach_exit_head(drafter.model, tensors)
+                exit_head = attach_exit_head(view, tensors)
             except RuntimeError as err:
-                raise ValueError(f"{folder}: the exit head does not fit this target: {err}") from None
-        return drafter
+                raise UserError(f"{folder}: the exit head does not fit this target: {err}") from None
+        return cls(target, num_layers, view=view, exit_head=exit_head, **kwargs)
 
 
-__all__ = ["LayerSkipDrafter", "truncated_view"]
+__all__ = ["LayerSkipDrafter", "truncated_view", "attach_exit_head"]

@@ -1,5 +1,6 @@
 """What the small neural drafters (CNN, LSTM) share: embeddings, source conditioning, the
-drafter sequence, sampling, training through fastspec.distill.Trainer, and save/load.
+drafter sequence, sampling, and save/load. Their training lives in :mod:`fastspec.distill`
+(``fastspec.distill.students.NeuralStudent``, ``fastspec.distill.trainer.fit_drafter``).
 
 The drafter reads ``[start] + generated`` per row, where ``start`` is the decoder start token
 (seq2seq) or the last prompt token (causal), and is conditioned on the source through the mean
@@ -8,15 +9,16 @@ position t predicts output token t, so nothing leaks (both models are strictly c
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from fastspec import ops
+from fastspec import introspect, ops
 from fastspec.drafters.base import DraftOutput, Drafter, DraftRequest, DraftStep
 from fastspec.drafters.context import request_source
-from fastspec.drafters.io import load_folder, save_folder
+from fastspec.drafters.folder import load_folder, save_folder
+from fastspec.errors import UserError
 
 
 class TokenModel(nn.Module):
@@ -72,55 +74,6 @@ def native_choice_kwargs(sampling=None, prev: Optional[torch.Tensor] = None, gen
                 prev_tokens=prev, generator=generator)
 
 
-def pad_rows(rows: Sequence[Sequence[int]], device, pad: int = -1) -> torch.Tensor:
-    """Right-pad python rows into [B,max_len] int64 (at least 1 column)."""
-    width = max([len(r) for r in rows] + [1])
-    out = torch.full((len(rows), width), pad, dtype=torch.long)
-    for b, r in enumerate(rows):
-        if len(r):
-            out[b, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-    return out.to(device)
-
-
-class NeuralStudent:
-    """The trainer's view of a CNN/LSTM drafter (see fastspec.distill.students for the contract)."""
-
-    def __init__(self, drafter: "NeuralDrafter"):
-        self.drafter = drafter
-        self.module = drafter.model
-        self.vocab_size = drafter.model.vocab_size
-
-    def _inputs(self, source_ids, outputs_prefix, device):
-        starts = [self.drafter.start_for(s) for s in source_ids]
-        rows = [[st] + list(o) for st, o in zip(starts, outputs_prefix)]
-        return pad_rows(rows, device), pad_rows(source_ids, device)
-
-    def logits(self, module, source_ids, output_ids, device):
-        """Teacher-forced logits [B,T,V] (position t predicts output_ids[b][t]) and mask [B,T]."""
-        ids, source = self._inputs(source_ids, [o[:-1] for o in output_ids], device)
-        logits = module(ids, source)  # [B,L,V]
-        width = max([len(o) for o in output_ids] + [1])
-        if logits.shape[1] < width:  # every output of length <= 1
-            logits = torch.nn.functional.pad(logits, (0, 0, 0, width - logits.shape[1]))
-        mask = torch.arange(width, device=device)[None, :] < torch.tensor([len(o) for o in output_ids], device=device)[:, None]
-        return logits[:, :width], mask
-
-    @torch.no_grad()
-    def sample(self, source_ids, max_new_tokens, device) -> List[List[int]]:
-        outputs: List[List[int]] = [[] for _ in source_ids]
-        for _ in range(max_new_tokens):
-            ids, source = self._inputs(source_ids, outputs, device)
-            logits = self.module(ids, source)
-            last = torch.tensor([len(o) for o in outputs], device=device)
-            step = logits[torch.arange(len(outputs), device=device), last].float()
-            for row, token in enumerate(torch.multinomial(step.softmax(-1), 1)[:, 0].tolist()):
-                outputs[row].append(token)
-        return outputs
-
-    def state_dict(self):
-        return self.module.state_dict()
-
-
 class NeuralDrafter(Drafter):
     """Base of CNNDrafter / LSTMDrafter. Subclasses set ``kind``, ``model_class`` and implement
     ``_draft(seq, lens, gamma, sampling, prev)`` (native runtime or its Python twin)."""
@@ -139,12 +92,11 @@ class NeuralDrafter(Drafter):
     @classmethod
     def from_target(cls, target: nn.Module, *, start_token_id: Optional[int] = None, **model_kwargs):
         """A drafter sharing the target's vocabulary, embeddings initialised from the target's."""
-        weight = target.get_input_embeddings().weight
-        vocab = target.get_output_embeddings().weight.shape[0] if target.get_output_embeddings() is not None else weight.shape[0]
-        model = cls.model_class(vocab_size=vocab, embed_dim=weight.shape[1], **model_kwargs)
+        embed_dim = target.get_input_embeddings().weight.shape[1]
+        model = cls.model_class(vocab_size=introspect.vocab_size(target), embed_dim=embed_dim, **model_kwargs)
         model.init_from_target(target)
-        if start_token_id is None and target.config.is_encoder_decoder:
-            start_token_id = int(target.config.decoder_start_token_id)
+        if start_token_id is None:
+            start_token_id = introspect.decoder_start_token_id(target)  # None for causal targets
         return cls(model, start_token_id=start_token_id)
 
     def start_for(self, source: Sequence[int]) -> int:
@@ -198,25 +150,6 @@ class NeuralDrafter(Drafter):
             tokens, scores = self._draft(seq, lens, int(step.gamma), sampling, prev)
         return DraftOutput(tokens=tokens, probs=scores if sampling is not None else None)
 
-    # ------------------------------------------------------------------ training
-    def student(self) -> NeuralStudent:
-        return NeuralStudent(self)
-
-    def fit(self, sources: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], *, max_steps: int = 200,
-            batch_size: int = 16, lr: float = 3e-3, seed: int = 0, progress: bool = False, **config):
-        """Cross-entropy training on (source, output) pairs with fastspec.distill.Trainer."""
-        from fastspec.distill.trainer import TrainConfig, Trainer, TrainItem
-
-        items = [TrainItem(index=i, source_ids=list(s), reference_ids=list(o)) for i, (s, o) in enumerate(zip(sources, outputs))]
-        train_config = TrainConfig(drafter=self.kind, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
-                                   progress=progress, ckpt_every=0, **config)
-        self.model.train()
-        try:
-            result = Trainer(self.student(), items, train_config).train()
-        finally:
-            self.model.eval()
-        return result
-
     # ------------------------------------------------------------------ save / load
     def save(self, folder: str) -> None:
         config = {"model": self.model.config_dict(), "start_token_id": self.start_token_id}
@@ -229,5 +162,5 @@ class NeuralDrafter(Drafter):
             model = cls.model_class(**config["model"])
             model.load_state_dict(tensors, strict=True)
         except (KeyError, TypeError, RuntimeError) as e:
-            raise ValueError(f"corrupted {cls.kind} drafter in {folder!r}: {type(e).__name__}: {e}") from None
+            raise UserError(f"corrupted {cls.kind} drafter in {folder!r}: {type(e).__name__}: {e}") from None
         return cls(model, start_token_id=config.get("start_token_id"), **kwargs)

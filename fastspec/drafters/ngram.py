@@ -1,7 +1,7 @@
 """NgramDrafter: the native :class:`fastspec.NgramTable` behind the drafter protocol.
 
 Fitted on reference summaries or on the target's own outputs (the pseudo-dataset: the seed's
-key idea, the drafter learns what THIS target writes). The context is the target's own input
+key idea, the drafter learns what THIS target writes; see ``fastspec.distill.trainer.fit_ngram_drafter``). The context is the target's own input
 sequence (``[decoder_start] + generated`` for seq2seq, ``prompt + generated`` for causal); only
 its last n-1 tokens matter. Greedy drafting is one native call for all rows and γ steps;
 sampled drafting draws each token from q = the table's probabilities processed like the
@@ -17,7 +17,9 @@ import torch
 from fastspec import ops
 from fastspec.drafters.base import DraftOutput, Drafter, DraftRequest, DraftStep
 from fastspec.drafters.context import decoder_sequences, request_source, right_to_left_pad
-from fastspec.drafters.io import file_sha256, load_folder, save_folder
+from fastspec.drafters.folder import file_sha256, load_folder, save_folder
+from fastspec.errors import UserError
+from fastspec.ngram import NgramTable
 
 TABLE_FILE = "ngram.bin"
 
@@ -38,8 +40,6 @@ class NgramDrafter(Drafter):
         if table is None:
             if n is None or vocab_size is None:
                 raise ValueError("NgramDrafter needs a table, or n= and vocab_size= to make one")
-            from fastspec.ngram import NgramTable
-
             table = NgramTable(n, vocab_size, smoothing)
         self.table = table
         self.vocab_size = int(table.vocab_size)
@@ -64,18 +64,6 @@ class NgramDrafter(Drafter):
     def update(self, sequences: Sequence[Sequence[int]]) -> "NgramDrafter":
         self.table.update(self._with_start(sequences))
         return self
-
-    def fit_pseudo_dataset(self, path: str, include_references: bool = False) -> "NgramDrafter":
-        """Fit on the target's outputs in a pseudo-dataset (``fastspec pseudo``'s folder)."""
-        from fastspec.distill.pseudo import load_pseudo_dataset
-
-        records = load_pseudo_dataset(path)
-        seqs = [r["output_ids"] for r in records if r.get("output_ids")]
-        if include_references:
-            seqs += [r["reference_ids"] for r in records if r.get("reference_ids")]
-        if not seqs:
-            raise ValueError(f"{path}: the pseudo-dataset holds no outputs to fit on")
-        return self.fit(seqs)
 
     # ------------------------------------------------------------------ protocol
     def begin(self, request: DraftRequest) -> None:
@@ -125,12 +113,10 @@ class NgramDrafter(Drafter):
 
     @classmethod
     def load(cls, folder: str) -> "NgramDrafter":
-        from fastspec.ngram import NgramTable
-
         config, _ = load_folder(folder, "ngram")
         table = NgramTable.load(os.path.join(folder, str(config.get("table", TABLE_FILE))))
         if int(table.vocab_size) != int(config.get("vocab_size", -1)) or int(table.n) != int(config.get("n", -1)):
-            raise ValueError(f"{folder!r}: the n-gram table does not match config.json (n / vocab_size)")
+            raise UserError(f"{folder!r}: the n-gram table does not match config.json (n / vocab_size)")
         return cls(table, start_token_id=config.get("start_token_id"))
 
 
