@@ -1,7 +1,9 @@
 // CUDA kernels for verification and logits processing (launchers: fastspec/verify_cuda.h).
 // No torch: compiles alone with `nvcc -std=c++17 -Icsrc/include -c csrc/cuda/verify.cu`.
 //
-// One thread block per row; threads stride over V with coalesced loads. Per position:
+// Two shapes (same tokens): one thread block per row, below; or, for small batches, the split
+// path in verify_split.cuh (each row position's vocabulary across several blocks). One block
+// per row: threads stride over V with coalesced loads. Per position:
 //   pass 1  penalty + temperature -> values, block max (+ NaN/+inf flags)
 //   top-k   radix select (4 x 8-bit digits, shared counts) of the k-th largest order key
 //   pass 2  float64 weights exp(x - max) of the kept tokens, block sum
@@ -10,8 +12,13 @@
 //           block scan in index order.
 // Maths (Leviathan et al. 2023): accept d_i iff u_i q_i(d_i) < p_i(d_i); at the first rejection
 // draw from norm(max(0, p_i - q_i)); if all γ are accepted draw the bonus from p_γ.
-#ifndef FASTSPEC_CUDA_EMULATION  // csrc/tests/test_verify_cuda_emulation.cpp runs these kernels on threads
+#ifndef FASTSPEC_CUDA_EMULATION  // csrc/tests/test_verify_cuda_emulation.cpp runs these kernels on the host
 #include <cuda_runtime.h>
+// The emulation defines these three itself.
+#define FASTSPEC_LAUNCH(kernel, blocks, stream, ...) \
+  kernel<<<unsigned(blocks), kThreads, 0, stream>>>(__VA_ARGS__)
+#define FASTSPEC_MEMSET_ASYNC(ptr, bytes, stream) cudaMemsetAsync((ptr), 0, (bytes), (stream))
+#define FASTSPEC_LAST_ERROR() cudaGetLastError()
 #endif
 
 #include <cfloat>
@@ -619,49 +626,201 @@ __global__ void __launch_bounds__(kThreads) fused_verify_kernel(const float* log
   if (threadIdx.x == 0) status[b] = 0;
 }
 
+#include "verify_split.cuh"
+
+// Carves the split path's buffers out of one workspace (256-byte aligned pieces); the histogram
+// part, which kernels add to atomically, is contiguous so one memset clears it.
+struct Carver {
+  char* base;
+  size_t offset = 0;
+  template <typename T>
+  T* take(int64_t count) {
+    offset = (offset + 255) / 256 * 256;
+    T* p = base == nullptr ? nullptr : reinterpret_cast<T*>(base + offset);
+    offset += size_t(count) * sizeof(T);
+    return p;
+  }
+};
+
+SplitBuffers carve(const SplitPlan& plan, void* workspace, int64_t batch, int64_t positions, int64_t vocab,
+                   bool processes, size_t* zero_offset, size_t* zero_bytes, size_t* total) {
+  Carver c{static_cast<char*>(workspace)};
+  const int64_t S = plan.splits, R = batch * positions, R2 = 2 * R;  // R2: verify_sample's p and q rows
+  SplitBuffers buf;
+  buf.splits = S;
+  buf.chunk = plan.chunk;
+  buf.part_max = c.take<float>(R * S);
+  buf.part_flags = c.take<int32_t>(R2 * S);
+  buf.part_arg = c.take<int64_t>(R * S);
+  buf.part_sum = c.take<double>(R2 * S);
+  buf.part_ties = c.take<int64_t>(R * S);
+  buf.state = c.take<RowState>(R);
+  buf.res_total = c.take<Fixed>(batch * S);
+  buf.p_total = c.take<Fixed>(batch * S);
+  buf.res_last = c.take<int64_t>(batch * S);
+  buf.p_last = c.take<int64_t>(batch * S);
+  buf.q_bad = c.take<int32_t>(batch * S);
+  buf.q_sum = c.take<double>(batch * S);
+  c.offset = (c.offset + 255) / 256 * 256;
+  const size_t zero_start = c.offset;
+  buf.topk_hist = c.take<uint32_t>(processes ? R * 1024 : 0);
+  buf.topp_hist = c.take<Fixed>(processes ? R * 1024 : 0);
+  *zero_offset = zero_start;
+  *zero_bytes = processes ? c.offset - zero_start : 0;
+  buf.values = c.take<float>(processes ? R * vocab : 0);
+  *total = c.offset + 256;
+  return buf;
+}
+
 }  // namespace
 
-#ifndef FASTSPEC_CUDA_EMULATION
+SplitPlan plan_split(int64_t batch, int64_t positions, int64_t vocab, bool processes, int request, int sm_count) {
+  SplitPlan plan;
+  if (request == 0 || batch <= 0 || vocab <= 0 || positions <= 0) return plan;
+  const int64_t min_splits = (vocab + kMaxChunk - 1) / kMaxChunk;  // the seen bitmap bounds a chunk
+  int64_t splits = request;
+  if (request < 0) {
+    if (batch >= sm_count) return plan;  // enough rows to fill the device one block each
+    const int64_t want = (2 * int64_t(sm_count) + batch * positions - 1) / (batch * positions);
+    const int64_t cap = vocab / 2048 > 1 ? vocab / 2048 : 1;
+    splits = want < cap ? want : cap;
+  }
+  splits = splits > min_splits ? splits : min_splits;
+  splits = splits < vocab ? splits : vocab;
+  int64_t chunk = (vocab + splits - 1) / splits;
+  if (chunk >= 1024) chunk = (chunk + 31) / 32 * 32;  // warp-aligned chunk starts (tiny V: exact cut)
+  plan.chunk = chunk;
+  plan.splits = (vocab + chunk - 1) / chunk;
+  size_t zero_offset = 0, zero_bytes = 0;
+  carve(plan, nullptr, batch, positions, vocab, processes, &zero_offset, &zero_bytes, &plan.workspace_bytes);
+  return plan;
+}
+
+namespace {
+
+SplitBuffers carve_for_launch(const SplitPlan& plan, void* workspace, int64_t batch, int64_t positions,
+                              int64_t vocab, bool processes, cudaStream_t stream, cudaError_t* err) {
+  size_t zero_offset = 0, zero_bytes = 0, total = 0;
+  SplitBuffers buf = carve(plan, workspace, batch, positions, vocab, processes, &zero_offset, &zero_bytes, &total);
+  *err = zero_bytes ? FASTSPEC_MEMSET_ASYNC(static_cast<char*>(workspace) + zero_offset, zero_bytes, stream)
+                    : cudaError_t(0);
+  return buf;
+}
+
+// Processing of every row position for sampling: values, top-k, weights, top-p (split path).
+void launch_split_processing(const float* logits, const int64_t* prev, int64_t prev_len, const int64_t* draft,
+                             int64_t batch, int64_t positions, int64_t vocab, const ProcessParams& params,
+                             const SplitBuffers& buf, cudaStream_t stream) {
+  const int64_t blocks = batch * positions * buf.splits;
+  FASTSPEC_LAUNCH(split_values_kernel, blocks, stream, logits, prev, prev_len, draft, positions, vocab, params,
+                  int(kModeValues), buf, static_cast<float*>(nullptr));
+  if (params.top_k > 0 && params.top_k < vocab)
+    for (int pass = 0; pass < 4; ++pass) FASTSPEC_LAUNCH(split_topk_kernel, blocks, stream, pass, vocab, params, buf);
+  FASTSPEC_LAUNCH(split_weights_kernel, blocks, stream, vocab, params, buf);
+  if (params.top_p < 1.0) {
+    for (int pass = 1; pass < 4; ++pass) FASTSPEC_LAUNCH(split_topp_kernel, blocks, stream, pass, vocab, params, buf);
+    FASTSPEC_LAUNCH(split_ties_kernel, blocks, stream, vocab, params, buf);
+    FASTSPEC_LAUNCH(split_final_kernel, blocks, stream, vocab, params, buf);
+  }
+}
+
+}  // namespace
+
 cudaError_t launch_verify_greedy(const float* logits, const int64_t* draft, int64_t batch, int64_t gamma,
-                                 int64_t vocab, int64_t* out, int64_t* num_accepted, int32_t* status,
-                                 cudaStream_t stream) {
-  if (batch == 0) return cudaSuccess;
-  verify_greedy_kernel<<<unsigned(batch), kThreads, 0, stream>>>(logits, draft, gamma, vocab, out, num_accepted,
-                                                                 status);
-  return cudaGetLastError();
+                                 int64_t vocab, const SplitPlan& plan, void* workspace, int64_t* out,
+                                 int64_t* num_accepted, int32_t* status, cudaStream_t stream) {
+  if (batch == 0) return cudaError_t(0);
+  if (plan.splits == 0) {
+    FASTSPEC_LAUNCH(verify_greedy_kernel, batch, stream, logits, draft, gamma, vocab, out, num_accepted, status);
+    return FASTSPEC_LAST_ERROR();
+  }
+  cudaError_t err;
+  const SplitBuffers buf = carve_for_launch(plan, workspace, batch, gamma + 1, vocab, false, stream, &err);
+  if (err) return err;
+  FASTSPEC_LAUNCH(split_values_kernel, batch * (gamma + 1) * plan.splits, stream, logits,
+                  static_cast<const int64_t*>(nullptr), int64_t(0), static_cast<const int64_t*>(nullptr), gamma + 1,
+                  vocab, ProcessParams(), int(kModeArgmax), buf, static_cast<float*>(nullptr));
+  FASTSPEC_LAUNCH(split_greedy_decide_kernel, batch, stream, draft, gamma, vocab, buf, out, num_accepted, status);
+  return FASTSPEC_LAST_ERROR();
 }
 
 cudaError_t launch_verify_sample(const float* p, const float* q, const int64_t* draft, const double* u,
                                  int64_t batch, int64_t gamma, int64_t vocab, double p_sum_tolerance,
-                                 double q_sum_tolerance, int64_t* out, int64_t* num_accepted, int32_t* status,
-                                 cudaStream_t stream) {
-  if (batch == 0) return cudaSuccess;
-  verify_sample_kernel<<<unsigned(batch), kThreads, 0, stream>>>(p, q, draft, u, gamma, vocab, p_sum_tolerance,
-                                                                 q_sum_tolerance, out, num_accepted, status);
-  return cudaGetLastError();
+                                 double q_sum_tolerance, const SplitPlan& plan, void* workspace, int64_t* out,
+                                 int64_t* num_accepted, int32_t* status, cudaStream_t stream) {
+  if (batch == 0) return cudaError_t(0);
+  if (plan.splits == 0) {
+    FASTSPEC_LAUNCH(verify_sample_kernel, batch, stream, p, q, draft, u, gamma, vocab, p_sum_tolerance,
+                    q_sum_tolerance, out, num_accepted, status);
+    return FASTSPEC_LAST_ERROR();
+  }
+  cudaError_t err;
+  const SplitBuffers buf = carve_for_launch(plan, workspace, batch, gamma + 1, vocab, false, stream, &err);
+  if (err) return err;
+  const int64_t rows = batch * (gamma + 1) + (q != nullptr ? batch * gamma : 0);
+  FASTSPEC_LAUNCH(split_check_rows_kernel, rows * plan.splits, stream, p, q, batch, gamma, vocab, buf);
+  FASTSPEC_LAUNCH(split_residual_kernel, batch * plan.splits, stream, false, p, q, draft, u, batch, gamma, vocab,
+                  p_sum_tolerance, q_sum_tolerance, buf);
+  FASTSPEC_LAUNCH(split_find_kernel, batch, stream, false, p, q, draft, u, batch, gamma, vocab, p_sum_tolerance,
+                  q_sum_tolerance, buf, out, num_accepted, status);
+  return FASTSPEC_LAST_ERROR();
 }
 
 cudaError_t launch_process_logits(const float* logits, const int64_t* prev, int64_t prev_len, const int64_t* draft,
                                   int64_t batch, int64_t positions, int64_t vocab, ProcessParams params,
-                                  RowScratch scratch, float* out, int32_t* status, cudaStream_t stream) {
-  if (batch == 0) return cudaSuccess;
-  process_logits_kernel<<<unsigned(batch), kThreads, 0, stream>>>(logits, prev, prev_len, draft, positions, vocab,
-                                                                  params, scratch, out, status);
-  return cudaGetLastError();
+                                  RowScratch scratch, const SplitPlan& plan, void* workspace, float* out,
+                                  int32_t* status, cudaStream_t stream) {
+  if (batch == 0) return cudaError_t(0);
+  if (plan.splits == 0) {
+    FASTSPEC_LAUNCH(process_logits_kernel, batch, stream, logits, prev, prev_len, draft, positions, vocab, params,
+                    scratch, out, status);
+    return FASTSPEC_LAST_ERROR();
+  }
+  cudaError_t err;
+  const SplitBuffers buf =
+      carve_for_launch(plan, workspace, batch, positions, vocab, params.do_sample, stream, &err);
+  if (err) return err;
+  const int64_t blocks = batch * positions * plan.splits;
+  if (params.do_sample) {
+    launch_split_processing(logits, prev, prev_len, draft, batch, positions, vocab, params, buf, stream);
+    FASTSPEC_LAUNCH(split_write_probs_kernel, blocks, stream, vocab, buf, out);
+  } else {
+    FASTSPEC_LAUNCH(split_values_kernel, blocks, stream, logits, prev, prev_len, draft, positions, vocab, params,
+                    int(kModePenalised), buf, out);
+  }
+  FASTSPEC_LAUNCH(split_process_status_kernel, batch, stream, draft, positions, vocab, params.do_sample, buf, status);
+  return FASTSPEC_LAST_ERROR();
 }
 
 cudaError_t launch_fused_verify(const float* logits, const int64_t* draft, const float* q, const int64_t* prev,
                                 int64_t prev_len, const double* u, int64_t batch, int64_t gamma, int64_t vocab,
-                                ProcessParams params, double q_sum_tolerance, RowScratch scratch, int64_t* out,
-                                int64_t* num_accepted, int32_t* status, cudaStream_t stream) {
-  if (batch == 0) return cudaSuccess;
-  fused_verify_kernel<<<unsigned(batch), kThreads, 0, stream>>>(logits, draft, q, prev, prev_len, u, gamma, vocab,
-                                                                params, q_sum_tolerance, scratch, out, num_accepted,
-                                                                status);
-  return cudaGetLastError();
+                                ProcessParams params, double q_sum_tolerance, RowScratch scratch,
+                                const SplitPlan& plan, void* workspace, int64_t* out, int64_t* num_accepted,
+                                int32_t* status, cudaStream_t stream) {
+  if (batch == 0) return cudaError_t(0);
+  if (plan.splits == 0) {
+    FASTSPEC_LAUNCH(fused_verify_kernel, batch, stream, logits, draft, q, prev, prev_len, u, gamma, vocab, params,
+                    q_sum_tolerance, scratch, out, num_accepted, status);
+    return FASTSPEC_LAST_ERROR();
+  }
+  cudaError_t err;
+  const SplitBuffers buf =
+      carve_for_launch(plan, workspace, batch, gamma + 1, vocab, params.do_sample, stream, &err);
+  if (err) return err;
+  if (!params.do_sample) {
+    FASTSPEC_LAUNCH(split_values_kernel, batch * (gamma + 1) * plan.splits, stream, logits, prev, prev_len, draft,
+                    gamma + 1, vocab, params, int(kModeArgmax), buf, static_cast<float*>(nullptr));
+    FASTSPEC_LAUNCH(split_greedy_decide_kernel, batch, stream, draft, gamma, vocab, buf, out, num_accepted, status);
+    return FASTSPEC_LAST_ERROR();
+  }
+  launch_split_processing(logits, prev, prev_len, draft, batch, gamma + 1, vocab, params, buf, stream);
+  FASTSPEC_LAUNCH(split_residual_kernel, batch * plan.splits, stream, true, static_cast<const float*>(nullptr), q,
+                  draft, u, batch, gamma, vocab, 0.0, q_sum_tolerance, buf);
+  FASTSPEC_LAUNCH(split_find_kernel, batch, stream, true, static_cast<const float*>(nullptr), q, draft, u, batch,
+                  gamma, vocab, 0.0, q_sum_tolerance, buf, out, num_accepted, status);
+  return FASTSPEC_LAST_ERROR();
 }
 
-#endif  // FASTSPEC_CUDA_EMULATION
 
 }  // namespace cuda
 }  // namespace fastspec

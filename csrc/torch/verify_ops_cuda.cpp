@@ -5,10 +5,15 @@
 // The kernels report bad values per row in a status tensor. Raising needs its B ints on the host:
 // that one copy happens after the launch (set FASTSPEC_CUDA_UNCHECKED=1 to skip it; bad rows
 // then come back as all −1 with num_accepted 0).
+//
+// Small batches split each row's vocabulary across blocks (cuda::plan_split; same tokens).
+// FASTSPEC_CUDA_VERIFY_SPLIT overrides the choice per call: "0" one block per row, "n" >= 1 at
+// least n blocks per row position, unset or "auto" the default (benchmarks and tests use it).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdlib>
+#include <string>
 
 #include "fastspec/verify_cuda.h"
 #include "verify_common.h"
@@ -30,6 +35,32 @@ bool check_status_on_host() {
 void finish(const char* op, cudaError_t err, const Tensor& status) {
   TORCH_CHECK(err == cudaSuccess, "fastspec.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
   if (check_status_on_host()) raise_on_status(op, status.cpu());
+}
+
+int split_request() {
+  const char* env = std::getenv("FASTSPEC_CUDA_VERIFY_SPLIT");
+  if (env == nullptr || std::string(env).empty() || std::string(env) == "auto") return -1;
+  char* end = nullptr;
+  const long n = std::strtol(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && n >= 0, "FASTSPEC_CUDA_VERIFY_SPLIT must be auto, 0 or a positive "
+              "number of blocks per row position, got '", env, "'");
+  return int(n);
+}
+
+// The launch plan and its device workspace (kept alive by *keep_alive until the op returns; the
+// caching allocator reuses it, and stream order makes the reuse safe).
+cuda::SplitPlan make_plan(int64_t B, int64_t K, int64_t V, bool processes, const at::Device& device,
+                          Tensor* keep_alive, void** workspace) {
+  int sm_count = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device.index()) == cudaSuccess,
+              "fastspec: cannot read the multiprocessor count of ", device);
+  const cuda::SplitPlan plan = cuda::plan_split(B, K, V, processes, split_request(), sm_count);
+  *workspace = nullptr;
+  if (plan.splits > 0) {
+    *keep_alive = at::empty({int64_t(plan.workspace_bytes)}, at::TensorOptions().device(device).dtype(at::kByte));
+    *workspace = keep_alive->data_ptr();
+  }
+  return plan;
 }
 
 cuda::RowScratch make_scratch(int64_t B, int64_t V, const at::Device& device, bool values, bool seen,
@@ -56,9 +87,13 @@ std::tuple<Tensor, Tensor> verify_greedy_cuda(const Tensor& target_logits, const
   Tensor out = at::empty({a.B, a.K}, a.draft.options());
   Tensor num_accepted = at::empty({a.B}, a.draft.options());
   Tensor status = at::zeros({a.B}, a.draft.options().dtype(at::kInt));
+  Tensor workspace_tensor;
+  void* workspace;
+  const cuda::SplitPlan plan = make_plan(a.B, a.K, a.V, false, a.logits.device(), &workspace_tensor, &workspace);
   const cudaError_t err = cuda::launch_verify_greedy(
-      a.logits.data_ptr<float>(), a.draft.data_ptr<int64_t>(), a.B, a.K - 1, a.V, out.data_ptr<int64_t>(),
-      num_accepted.data_ptr<int64_t>(), status.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
+      a.logits.data_ptr<float>(), a.draft.data_ptr<int64_t>(), a.B, a.K - 1, a.V, plan, workspace,
+      out.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
+      c10::cuda::getCurrentCUDAStream().stream());
   finish(op, err, status);
   return {out, num_accepted};
 }
@@ -71,9 +106,12 @@ std::tuple<Tensor, Tensor> verify_sample_cuda(const Tensor& target_probs, const 
   Tensor out = at::empty({a.B, a.K}, a.draft.options());
   Tensor num_accepted = at::empty({a.B}, a.draft.options());
   Tensor status = at::zeros({a.B}, a.draft.options().dtype(at::kInt));
+  Tensor workspace_tensor;
+  void* workspace;
+  const cuda::SplitPlan plan = make_plan(a.B, a.K, a.V, false, a.p.device(), &workspace_tensor, &workspace);
   const cudaError_t err = cuda::launch_verify_sample(
       a.p.data_ptr<float>(), ptr_or_null<float>(a.q), a.draft.data_ptr<int64_t>(), a.u.data_ptr<double>(), a.B,
-      a.K - 1, a.V, a.p_tol, a.q_tol, out.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
+      a.K - 1, a.V, a.p_tol, a.q_tol, plan, workspace, out.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
       status.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
   finish(op, err, status);
   return {out, num_accepted};
@@ -86,14 +124,20 @@ Tensor process_logits_cuda(const Tensor& logits, const c10::optional<Tensor>& pr
   const ProcessArgs a =
       prepare_process(op, logits, prev_tokens, draft_tokens, do_sample, temperature, top_k, top_p, repetition_penalty);
   const c10::cuda::CUDAGuard guard(a.logits.device());
-  Tensor keep_alive[3];
-  const cuda::RowScratch scratch =
-      make_scratch(a.B, a.V, a.logits.device(), a.params.do_sample, a.params.repetition_penalty != 1.0f, keep_alive);
   Tensor out = at::empty({a.B, a.K, a.V}, a.logits.options());
   Tensor status = at::zeros({a.B}, a.logits.options().dtype(at::kInt));
+  Tensor workspace_tensor;
+  void* workspace;
+  const cuda::SplitPlan plan =
+      make_plan(a.B, a.K, a.V, a.params.do_sample, a.logits.device(), &workspace_tensor, &workspace);
+  Tensor keep_alive[3];  // one-block path scratch, only when that path runs
+  const bool one_block = plan.splits == 0;
+  const cuda::RowScratch scratch = make_scratch(a.B, a.V, a.logits.device(), one_block && a.params.do_sample,
+                                                one_block && a.params.repetition_penalty != 1.0f, keep_alive);
   const cudaError_t err = cuda::launch_process_logits(
       a.logits.data_ptr<float>(), ptr_or_null<int64_t>(a.prev), a.L, ptr_or_null<int64_t>(a.draft), a.B, a.K, a.V,
-      a.params, scratch, out.data_ptr<float>(), status.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
+      a.params, scratch, plan, workspace, out.data_ptr<float>(), status.data_ptr<int32_t>(),
+      c10::cuda::getCurrentCUDAStream().stream());
   finish(op, err, status);
   return out;
 }
@@ -107,16 +151,22 @@ std::tuple<Tensor, Tensor> fused_verify_cuda(const Tensor& target_logits, const 
   const FusedArgs a = prepare_fused(op, target_logits, draft_tokens, draft_probs, prev_tokens, uniforms, do_sample,
                                     temperature, top_k, top_p, repetition_penalty);
   const c10::cuda::CUDAGuard guard(a.logits.device());
-  Tensor keep_alive[3];
-  const cuda::RowScratch scratch =
-      make_scratch(a.B, a.V, a.logits.device(), a.params.do_sample, a.params.repetition_penalty != 1.0f, keep_alive);
   Tensor out = at::empty({a.B, a.K}, a.draft.options());
   Tensor num_accepted = at::empty({a.B}, a.draft.options());
   Tensor status = at::zeros({a.B}, a.draft.options().dtype(at::kInt));
+  Tensor workspace_tensor;
+  void* workspace;
+  const cuda::SplitPlan plan =
+      make_plan(a.B, a.K, a.V, a.params.do_sample, a.logits.device(), &workspace_tensor, &workspace);
+  Tensor keep_alive[3];  // one-block path scratch, only when that path runs
+  const bool one_block = plan.splits == 0;
+  const cuda::RowScratch scratch = make_scratch(a.B, a.V, a.logits.device(), one_block && a.params.do_sample,
+                                                one_block && a.params.repetition_penalty != 1.0f, keep_alive);
   const cudaError_t err = cuda::launch_fused_verify(
       a.logits.data_ptr<float>(), a.draft.data_ptr<int64_t>(), ptr_or_null<float>(a.q), ptr_or_null<int64_t>(a.prev),
-      a.L, ptr_or_null<double>(a.u), a.B, a.K - 1, a.V, a.params, a.q_tol, scratch, out.data_ptr<int64_t>(),
-      num_accepted.data_ptr<int64_t>(), status.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
+      a.L, ptr_or_null<double>(a.u), a.B, a.K - 1, a.V, a.params, a.q_tol, scratch, plan, workspace,
+      out.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
+      c10::cuda::getCurrentCUDAStream().stream());
   finish(op, err, status);
   return {out, num_accepted};
 }
