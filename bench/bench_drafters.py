@@ -212,10 +212,25 @@ def _step(generated):
                      active=torch.ones(1, dtype=torch.bool), gamma=GAMMA)
 
 
+def _drafter_lineup(target, train_refs, layer_skip_layers: int, total_layers: int) -> dict:
+    """The drafters whose cost per step the benchmarks compare, built for ``target``."""
+    from fastspec import drafters as fd
+
+    ngram = fd.NgramDrafter.create(4, introspect.vocab_size(target),
+                                   start_token_id=introspect.decoder_start_token_id(target)).fit(train_refs)
+    return {
+        "prompt lookup": fd.PromptLookupDrafter(),
+        "prompt lookup + n-gram": fd.PromptLookupDrafter(fallback=ngram),
+        "n-gram (n=4)": ngram,
+        "CNN (dim 256)": fd.CNNDrafter.from_target(target, dim=256, num_layers=3, kernel_size=4),
+        "LSTM (256)": fd.LSTMDrafter.from_target(target, dim=256, hidden_size=256),
+        f"layer skip ({layer_skip_layers} of {total_layers} layers)": fd.LayerSkipDrafter(target, layer_skip_layers),
+    }
+
+
 def test_cost_per_step_flan_t5_base_shaped(benchmark, t5_data):
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from fastspec import drafters as fd
     from fastspec.cache import new_cache
     from fastspec.drafters.base import DraftRequest
 
@@ -240,23 +255,14 @@ def test_cost_per_step_flan_t5_base_shaped(benchmark, t5_data):
                    past_key_values=cache, use_cache=True)
         cache.crop(-1)
 
-    ngram = fd.NgramDrafter.create(4, 32128, start_token_id=0).fit(train_refs)
-    drafters = {
-        "prompt lookup": fd.PromptLookupDrafter(),
-        "prompt lookup + n-gram": fd.PromptLookupDrafter(fallback=ngram),
-        "n-gram (n=4)": ngram,
-        "CNN (dim 256)": fd.CNNDrafter.from_target(target, dim=256, num_layers=3, kernel_size=4),
-        "LSTM (256)": fd.LSTMDrafter.from_target(target, dim=256, hidden_size=256),
-        "layer skip (1 of 12 layers)": fd.LayerSkipDrafter(target, 1),
-    }
-    request = DraftRequest(source_ids=src, source_mask=mask, is_encoder_decoder=True, vocab_size=32128,
-                           decoder_start_token_id=0)
+    drafters = _drafter_lineup(target, train_refs, layer_skip_layers=1, total_layers=12)
+    request = DraftRequest(source_ids=src, source_mask=mask, is_encoder_decoder=True,
+                           vocab_size=introspect.vocab_size(target), decoder_start_token_id=0)
     _cost_table(benchmark, "FLAN-T5-base-shaped target (random weights)", target_step, drafters, request,
                 _step(generated))
 
 
 def test_cost_per_step_smollm2(benchmark):
-    from fastspec import drafters as fd
     from fastspec.cache import new_cache
     from fastspec.data import load_examples
     from fastspec.drafters.base import DraftRequest
@@ -280,16 +286,8 @@ def test_cost_per_step_smollm2(benchmark):
             target(input_ids=full[:, -1:], past_key_values=cache, use_cache=True)
         cache.crop(-1)
 
-    vocab = introspect.vocab_size(target)
-    ngram = fd.NgramDrafter.create(4, vocab).fit(train_refs)
-    drafters = {
-        "prompt lookup": fd.PromptLookupDrafter(),
-        "prompt lookup + n-gram": fd.PromptLookupDrafter(fallback=ngram),
-        "n-gram (n=4)": ngram,
-        "CNN (dim 256)": fd.CNNDrafter.from_target(target, dim=256, num_layers=3, kernel_size=4),
-        "LSTM (256)": fd.LSTMDrafter.from_target(target, dim=256, hidden_size=256),
-        "layer skip (2 of 30 layers)": fd.LayerSkipDrafter(target, 2),
-    }
-    request = DraftRequest(source_ids=src, source_mask=mask, is_encoder_decoder=False, vocab_size=vocab)
+    drafters = _drafter_lineup(target, train_refs, layer_skip_layers=2, total_layers=30)
+    request = DraftRequest(source_ids=src, source_mask=mask, is_encoder_decoder=False,
+                           vocab_size=introspect.vocab_size(target))
     _cost_table(benchmark, f"SmolLM2-135M-Instruct (prompt {src.shape[1]} tokens)", target_step, drafters, request,
                 _step(generated))

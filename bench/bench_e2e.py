@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import statistics
-import time
 
 import pytest
 import torch

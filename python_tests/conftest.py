@@ -42,21 +42,9 @@ def t5_tokenizer():
 def tiny_t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(
-        vocab_size=32128,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        decoder_start_token_id=0,
-        eos_token_id=1,
-        pad_token_id=0,
-        dropout_rate=0.0,
-    )
+    config = T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+                      eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
     torch.manual_seed(1234)
     return _spread_init(T5ForConditionalGeneration(config), seed=0)
 
@@ -64,19 +52,9 @@ def tiny_t5():
 def _llama(vocab_size, seed, hidden=64, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(seed)
     return _spread_init(LlamaForCausalLM(config), seed=seed)
 

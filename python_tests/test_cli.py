@@ -173,6 +173,9 @@ def test_user_errors_are_one_line(target_dir, tmp_path, capsys):
     _error(["train", "--drafter", "lstm", "--exp_name", "x", "--pseudo_dataset_path", str(tmp_path / "nope")], capsys,
            "no such folder")
     _error(["train", "--drafter", "lstm", "--exp_name", "x", "--kd_loss", "1", "--kd_temp", "0"], capsys, "--kd_temp must be > 0")
+    _error(["train", "--drafter", "cnn", "--exp_name", "x", "--target", target_dir, "--num_samples", "2", "--eval_samples",
+            "0", "--output_root", str(tmp_path), "--drafter_config", '{"num_layers": 0}'], capsys,
+           "--drafter_config does not fit --drafter cnn: num_layers and kernel_size must be >= 1")
     _error(["train", "--drafter", "lstm", "--exp_name", "x", "--output_root", str(tmp_path), "--resume"], capsys,
            "no checkpoint")
     corrupt = tmp_path / "corrupt"

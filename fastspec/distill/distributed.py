@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fastspec.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,7 +33,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
+        raise UserError("--device cuda requested but CUDA is not available")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

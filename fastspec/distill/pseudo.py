@@ -96,14 +96,18 @@ def strip_output(sequence: Sequence[int], eos_ids: Sequence[int], pad_id: int) -
     return out
 
 
+def _read_json(path: str, damage: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise PseudoDatasetError(damage.format(path=path, err=err)) from None
+
+
 def _check_meta(out_dir: str, meta: dict, is_main: bool) -> None:
     path = os.path.join(out_dir, "meta.json")
     if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                existing = json.load(handle)
-        except (OSError, json.JSONDecodeError) as err:
-            raise PseudoDatasetError(f"{path}: corrupt ({err}); delete the folder to start over") from None
+        existing = _read_json(path, "{path}: corrupt ({err}); delete the folder to start over")
         if existing != meta:
             changed = sorted(k for k in set(meta) | set(existing) if meta.get(k) != existing.get(k))
             raise PseudoDatasetError(
@@ -118,11 +122,7 @@ def _check_meta(out_dir: str, meta: dict, is_main: bool) -> None:
 def _read_cursor(cursor_path: str, shard_path: str) -> dict:
     cursor = {"batches_done": 0, "records": 0, "bytes": 0}
     if os.path.exists(cursor_path):
-        try:
-            with open(cursor_path, encoding="utf-8") as handle:
-                cursor = json.load(handle)
-        except (OSError, json.JSONDecodeError) as err:
-            raise PseudoDatasetError(f"{cursor_path}: corrupt cursor ({err})") from None
+        cursor = _read_json(cursor_path, "{path}: corrupt cursor ({err})")
     size = os.path.getsize(shard_path) if os.path.exists(shard_path) else 0
     if size < cursor["bytes"]:
         raise PseudoDatasetError(f"{shard_path}: shorter ({size} B) than its cursor says ({cursor['bytes']} B)")

@@ -270,13 +270,11 @@ def build_student(kind: str, target, *, init_from: Optional[str] = None, options
         if introspect.is_encoder_decoder(model) != introspect.is_encoder_decoder(target):
             raise TrainingError("the HF drafter and the target must both be seq2seq or both causal")
         return HFDrafterStudent(model.train())
-    if kind in NEURAL_CLASSES:
-        cls = NEURAL_CLASSES[kind]
-        try:
-            drafter = cls.from_target(target, **options)
-        except TypeError as err:  # an unknown --drafter_config key
-            raise TrainingError(f"--drafter_config does not fit {cls.__name__}: {err}") from None
-        return NeuralStudent(drafter, introspect.eos_token_ids(target))
-    if kind == "layer_skip":
-        return ExitHeadStudent(target, **options)
-    raise TrainingError(f"unknown drafter {kind!r}; choose from ngram, {', '.join(DRAFTER_KINDS)}")
+    if kind not in NEURAL_CLASSES and kind != "layer_skip":
+        raise TrainingError(f"unknown drafter {kind!r}; choose from ngram, {', '.join(DRAFTER_KINDS)}")
+    try:
+        if kind == "layer_skip":
+            return ExitHeadStudent(target, **options)
+        return NeuralStudent(NEURAL_CLASSES[kind].from_target(target, **options), introspect.eos_token_ids(target))
+    except (TypeError, ValueError) as err:  # an unknown --drafter_config key, or a value out of range
+        raise TrainingError(f"--drafter_config does not fit --drafter {kind}: {err}") from None
