@@ -59,7 +59,8 @@ class Feeder:
                                sampling=sampling, generator=generator)
         if self.sources is not None:
             with torch.no_grad():
-                request.encoder_hidden_states = self.target.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+                encoder = self.target.get_encoder()
+                request.encoder_hidden_states = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return request
 
     def commit(self, new_tokens, active=None) -> CommitInfo:
@@ -93,7 +94,8 @@ class Feeder:
 
 
 def _step(batch, gamma):
-    return DraftStep(generated=torch.zeros(batch, 0, dtype=torch.long), num_generated=torch.zeros(batch, dtype=torch.long),
+    return DraftStep(generated=torch.zeros(batch, 0, dtype=torch.long),
+                     num_generated=torch.zeros(batch, dtype=torch.long),
                      active=torch.ones(batch, dtype=torch.bool), gamma=gamma)
 
 
@@ -148,7 +150,8 @@ def test_ragged_rollback_matches_fresh_drafter(small_llama, layers):
         assert bool(torch.isin(out.tokens, shortlist).all())
         expected, fresh = _fresh_draft(drafter.model, feeder, 4)
         assert torch.equal(out.tokens, expected.tokens)
-        new = [out.tokens[b, :a].tolist() + [int(torch.randint(0, 97, (1,), generator=gen))] for b, a in enumerate(accepted)]
+        bonus = torch.randint(0, 97, (3,), generator=gen).tolist()
+        new = [out.tokens[b, :a].tolist() + [bonus[b]] for b, a in enumerate(accepted)]
         drafter.commit(feeder.commit(new))
     _, fresh = _fresh_draft(drafter.model, feeder, 1)
     torch.testing.assert_close(drafter._last, fresh._last, rtol=1e-4, atol=1e-4)
@@ -262,12 +265,12 @@ def test_unrolled_loss_weights_are_decay_powers(small_llama):
         total, per_step = unrolled_loss(model, batch, steps=3, decay=decay)
         assert len(per_step) == 3 and all(x.item() > 0 for x in per_step)
         expected = sum(decay ** i * x.item() for i, x in enumerate(per_step))
-        assert float(total) == pytest.approx(expected, rel=1e-6)
+        assert total.item() == pytest.approx(expected, rel=1e-6)
     feature_only, _ = unrolled_loss(model, batch, steps=1, divergence_weight=0.0)
     token_only, _ = unrolled_loss(model, batch, steps=1, feature_weight=0.0, divergence_name="tvd")
     both, _ = unrolled_loss(model, batch, steps=1, divergence_name="tvd", divergence_weight=1.0)
-    assert float(both) == pytest.approx(float(feature_only) + 10 * float(token_only), rel=1e-5)
-    assert 0.0 < float(token_only) <= 0.1  # 0.1 × TVD ≤ 0.1
+    assert both.item() == pytest.approx(feature_only.item() + 10 * token_only.item(), rel=1e-5)
+    assert 0.0 < token_only.item() <= 0.1  # 0.1 × TVD ≤ 0.1
 
 
 def test_shortlist_most_frequent_plus_eos():
@@ -281,16 +284,17 @@ def test_shortlist_most_frequent_plus_eos():
 
 def test_feature_data_cache_round_trip(small_llama, tmp_path):
     pairs = [([5, 9, 14], [20, 21, 22, 2]), ([8, 21], [30, 31])]
-    data = extract_features(small_llama, pairs, layers=eagle3_layers(4), topk=8, cache_dir=str(tmp_path), progress=False)
+    settings = dict(layers=eagle3_layers(4), topk=8, cache_dir=str(tmp_path), progress=False)
+    data = extract_features(small_llama, pairs, **settings)
     assert data.stats["tokens"] == 11 and data.stats["tokens_per_s"] > 0
-    again = extract_features(small_llama, pairs, layers=eagle3_layers(4), topk=8, cache_dir=str(tmp_path), progress=False)
+    again = extract_features(small_llama, pairs, **settings)
     for a, b in zip(data.sequences, again.sequences):
         assert a.prompt_len == b.prompt_len and torch.equal(a.features, b.features) and torch.equal(a.last, b.last)
         assert a.features.dtype == torch.float16 and a.top_ids.shape == (a.tokens.numel(), 8)
     # teacher positions j ≥ max(1, prompt_len − 1): their logits score an output token (or what follows it)
     assert int(label_counts(data).sum()) == 5 + 3
     with pytest.raises(UserError, match="other pairs"):
-        extract_features(small_llama, pairs[:1], layers=eagle3_layers(4), topk=8, cache_dir=str(tmp_path), progress=False)
+        extract_features(small_llama, pairs[:1], **settings)
 
 
 @pytest.fixture(scope="module")
@@ -337,3 +341,16 @@ def test_training_resumes_from_checkpoint_exactly(bigram_llama, tmp_path):
     resumed = run(str(tmp_path / "b"), 8)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_t5_training_lowers_the_unrolled_loss(tiny_t5):
+    pairs = [([21603, 10, 8774, 296, 1], [150, 151, 152, 153, 1]), ([100, 200, 1], [160, 161, 1])]
+    data = extract_features(tiny_t5, pairs, progress=False)
+    assert data.sequences[0].encoder.shape == (5, 64) and data.sequences[0].prompt_len == 1
+    config = FeatureTrainConfig(max_steps=30, lr=3e-3, warmup_steps=1, batch_size=2, progress=False)
+    untrained = FeatureDrafter.from_target(tiny_t5, shortlist=build_shortlist(label_counts(data), 8192, [1]))
+    batch = collate(data.sequences, 64)
+    before, _ = unrolled_loss(untrained.model, batch)
+    trained = train_feature_drafter(tiny_t5, config=config, data=data)
+    after, _ = unrolled_loss(trained.model, batch)
+    assert after.item() < 0.5 * before.item()

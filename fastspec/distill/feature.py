@@ -402,6 +402,7 @@ def unrolled_loss(model: FeatureModel, batch: Batch, *, steps: int = 3, decay: f
     if divergence_name not in DIVERGENCES:
         raise UserError(f"unknown divergence {divergence_name!r}; choose from {DIVERGENCES}")
     draft_index = _draft_index(model)
+    # the targets of position i are at i+1: its next feature, the distribution of token i+2
     target_last, top_values, top_ids, lse = (t[:, 1:] for t in (batch.last, batch.top_values, batch.top_ids, batch.lse))
     per_step = []
     for out, mask in unrolled_outputs(model, batch, steps, loss_on_prompt):
@@ -410,7 +411,8 @@ def unrolled_loss(model: FeatureModel, batch: Batch, *, steps: int = 3, decay: f
             per_step.append(out.sum() * 0.0)
             continue
         regression = F.smooth_l1_loss(predicted.float(), target_last[mask].float())
-        teacher = shortlist_teacher_logits(top_values[mask], top_ids[mask], lse[mask], draft_index, model.head.out_features)
+        teacher = shortlist_teacher_logits(top_values[mask], top_ids[mask], lse[mask], draft_index,
+                                           model.head.out_features)
         in_short = draft_index[top_ids[mask][:, 0]] >= 0  # target argmax inside the shortlist
         token = divergence(divergence_name, teacher, model.head(predicted).float(), in_short, temperature=temperature)
         per_step.append(feature_weight * regression + divergence_weight * token)
@@ -521,7 +523,8 @@ def train_feature_drafter(target, pairs: Optional[Sequence[Pair]] = None, config
     start, losses = time.perf_counter(), []
     while (cfg.max_steps is None or step < cfg.max_steps) and (
             cfg.time_budget_s is None or time.perf_counter() - start < cfg.time_budget_s):
-        rows = torch.randint(len(data.sequences), (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed + step))
+        draw = torch.Generator().manual_seed(cfg.seed + step)  # step s's batch does not depend on resuming
+        rows = torch.randint(len(data.sequences), (cfg.batch_size,), generator=draw)
         batch = collate([data.sequences[i] for i in rows.tolist()], data.hidden_size, device)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))

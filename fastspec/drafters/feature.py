@@ -277,7 +277,7 @@ def _num_decoder_layers(model) -> int:
 
 
 def _getter(obj, name):
-    # protocol fields that today's base.py does not declare yet (see the module docstring)
+    # protocol fields that the committed base.py does not declare yet (see the module docstring)
     return getattr(obj, name, None)
 
 
@@ -308,7 +308,7 @@ class FeatureDrafter(Drafter):
             raise UserError(f"feature drafter vocabulary {self.vocab_size} != target vocabulary {request.vocab_size}")
         model = self.model
         self._device = model.fc.weight.device
-        batch = int(request.batch_size)
+        batch = int(_getter(request, "batch_size") or request.source_ids.shape[0])
         encoder = _getter(request, "encoder_hidden_states")
         if model.arch == "t5":
             if encoder is None:
@@ -319,11 +319,12 @@ class FeatureDrafter(Drafter):
         else:
             self._encoder = self._encoder_mask = None
         # the row's decoder sequence: causal prompt, or the seq2seq decoder prompt / start token
-        if request.is_encoder_decoder and request.decoder_prompt_ids is not None:
-            prompt_mask = request.decoder_prompt_mask
+        decoder_prompt = _getter(request, "decoder_prompt_ids")
+        if request.is_encoder_decoder and decoder_prompt is not None:
+            prompt_mask = _getter(request, "decoder_prompt_mask")
             if prompt_mask is None:
-                prompt_mask = torch.ones_like(request.decoder_prompt_ids)
-            seq, lengths = left_align(request.decoder_prompt_ids, prompt_mask)
+                prompt_mask = torch.ones_like(decoder_prompt)
+            seq, lengths = left_align(decoder_prompt, prompt_mask)
         elif request.is_encoder_decoder:
             seq = torch.full((batch, 1), int(request.decoder_start_token_id or 0), dtype=torch.long)
             lengths = torch.ones(batch, dtype=torch.long)
