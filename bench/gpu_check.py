@@ -279,9 +279,9 @@ def verify_bandwidth_grid(device, batches, gammas, vocabs, repeats, clock: PartC
                 for mode, fn in cases:
                     row = {"V": vocab, "gamma": gamma, "B": batch, "mode": mode, "bytes": nbytes}
                     # split: vocabulary split across blocks where B is small (auto) vs one block per row
-                    for label, split in (("auto", "auto"), ("one_block", "0")):
-                        if label == "one_block" and batch > 8:
-                            continue  # auto is one block per row there
+                    # auto splits for 4·B <= SMs; at B = 64 a forced split shows whether it should
+                    variants = [("auto", "auto"), ("one_block", "0")] + ([("split4", "4")] if batch == 64 else [])
+                    for label, split in variants:
                         os.environ["FASTSPEC_CUDA_VERIFY_SPLIT"] = split
                         try:
                             seconds, method = time_op(fn, device, repeats, clock)
@@ -306,7 +306,7 @@ def part_b_bandwidth(ctx, clock: PartClock) -> dict:
     rows = verify_bandwidth_grid(ctx.device, (1, 8, 64, 256), (1, 4, 8), (32128, 128256), repeats, clock, notes)
     peak_bps = peak["peak_gbs"] * 1e9
     for row in rows:
-        for label in ("auto", "one_block"):
+        for label in ("auto", "one_block", "split4"):
             if f"{label}_gbs" in row:
                 row[f"{label}_share_of_peak"] = rnd(row[f"{label}_gbs"] * 1e9 / peak_bps, 3)
     return {**peak, "dtype": "float32 logits (bf16 inputs are upcast by the binding before the kernel)",
@@ -747,7 +747,8 @@ def markdown(report: dict) -> str:
             lines += [f"peak {res.get('peak_gbs')} GB/s ({res.get('peak_source')}); copy {res.get('copy_gbs')} GB/s",
                       ""]
             lines += table(res["rows"], ["V", "gamma", "B", "mode", "auto_us", "auto_gbs", "auto_share_of_peak",
-                                         "one_block_us", "one_block_gbs", "one_block_share_of_peak"]) + [""]
+                                         "one_block_us", "one_block_gbs", "one_block_share_of_peak", "split4_us",
+                                         "split4_share_of_peak"]) + [""]
         if name.startswith("c_") and res.get("rows"):
             lines += table(res["rows"], ["B", "gamma", "V", "cpu_ms", "device_ms", "cpu_over_device", "tokens_equal",
                                          "probs_equal"]) + [""]

@@ -680,7 +680,8 @@ SplitPlan plan_split(int64_t batch, int64_t positions, int64_t vocab, bool proce
   const int64_t min_splits = (vocab + kMaxChunk - 1) / kMaxChunk;  // the seen bitmap bounds a chunk
   int64_t splits = request;
   if (request < 0) {
-    if (batch >= sm_count) return plan;  // enough rows to fill the device one block each
+    // one block per row reads only up to the first rejection: keep it once rows fill a quarter of the SMs
+    if (4 * batch > sm_count) return plan;
     const int64_t want = (2 * int64_t(sm_count) + batch * positions - 1) / (batch * positions);
     const int64_t cap = vocab / 2048 > 1 ? vocab / 2048 : 1;
     splits = want < cap ? want : cap;

@@ -588,7 +588,7 @@ void check_fused(const Case& c, const ProcessParams& params, std::initializer_li
 
 TEST(CudaEmulationSplit, PlanSplitsSmallBatchesOnly) {
   for (int64_t vocab : {111, 32128, 49152, 128256}) {
-    for (int64_t batch : {1, 3, 8, 64, 131}) {
+    for (int64_t batch : {1, 3, 8, 33}) {
       const cuda::SplitPlan plan = cuda::plan_split(batch, 9, vocab, true, -1, kSmCount);
       SCOPED_TRACE("V " + std::to_string(vocab) + " B " + std::to_string(batch));
       ASSERT_GE(plan.splits, 1);
@@ -597,7 +597,8 @@ TEST(CudaEmulationSplit, PlanSplitsSmallBatchesOnly) {
       EXPECT_LE(plan.chunk, cuda::kMaxChunk);
       EXPECT_GT(plan.workspace_bytes, size_t(batch * 9 * vocab * 4));  // holds the processed values
     }
-    EXPECT_EQ(cuda::plan_split(132, 9, vocab, true, -1, kSmCount).splits, 0);  // B >= SMs: one block per row
+    EXPECT_EQ(cuda::plan_split(34, 9, vocab, true, -1, kSmCount).splits, 0);  // 4·B > SMs: one block per row
+    EXPECT_GE(cuda::plan_split(64, 9, vocab, true, 2, kSmCount).splits, 2);   // forced: any batch
     EXPECT_EQ(cuda::plan_split(1, 9, vocab, true, 0, kSmCount).splits, 0);     // forced off
   }
   // auto at B = 1, γ = 8 on V = 32128: about two blocks per SM, >= 2048 tokens per block

@@ -38,8 +38,8 @@ struct SplitPlan {
   size_t workspace_bytes = 0;
 };
 
-// request: -1 auto (split when batch < sm_count, about two blocks per SM, >= 2048 tokens per
-// block), 0 one block per row, n >= 1 at least n blocks per row position (tests, benchmarks).
+// request: -1 auto (split when 4·batch <= sm_count, about two blocks per SM, >= 2048 tokens per
+// block; the split path reads every position, one block per row stops at the first rejection), 0 one block per row, n >= 1 at least n blocks per row position (tests, benchmarks).
 // positions = γ+1 (K for process_logits); processes: the call processes logits for sampling
 // (fused_verify / process_logits with do_sample), which needs a [B,K,V] float buffer.
 SplitPlan plan_split(int64_t batch, int64_t positions, int64_t vocab, bool processes, int request, int sm_count);
