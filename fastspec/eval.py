@@ -113,6 +113,7 @@ def summarize(run: DecodeRun, reference: Optional[DecodeRun], greedy: bool) -> D
         "time_s": run.time_s,
         "tokens_per_s": run.tokens_per_s,
         "num_steps": m.num_steps,
+        "row_steps": m.row_steps,  # steps that verified drafts: the denominator of α and τ
         "num_draft_tokens": m.num_draft_tokens,
         "num_accepted_tokens": m.num_accepted_tokens,
         "target_calls": m.target_calls,
