@@ -59,7 +59,8 @@ def assert_matches_hf(ours: torch.Tensor, hf_scores_before_top_p: torch.Tensor, 
         assert ((cum[differ] - (1 - top_p)).abs() < 2e-5).all(), "support differs away from the top-p boundary"
         assert differ.sum() <= 2 * ours.shape[0]
         return
-    torch.testing.assert_close(ours, hf_probs, rtol=1e-5, atol=1e-7)
+    # HF softmaxes in float32, we accumulate in float64: relative gaps up to ~1.3e-5 seen at T=0.7, V=49152
+    torch.testing.assert_close(ours, hf_probs, rtol=3e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
