@@ -231,3 +231,18 @@ def test_processors_at_first_position_only_fail_the_same_test(models, monkeypatc
 def test_prompt_lookup_needs_a_token_source(models):
     with pytest.raises(ValueError, match="no token source"):
         _ours(models["whisper"], "whisper", PromptLookupDrafter(), _inputs("whisper"), max_new_tokens=4)
+
+
+def test_any_encoder_tensor_passes_through(models):
+    """Any tensor the encoder's forward names reaches the encoder (here T5's inputs_embeds: no token
+    source), like HF; a tensor nobody takes is refused by name."""
+    model = models["t5"]
+    inputs = _inputs("t5")
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()  # [B,S,d]
+    settings = dict(max_new_tokens=8, no_repeat_ngram_size=3)
+    hf = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **settings)
+    ours = fastspec.generate(model, RandomDrafter(seed=0), inputs_embeds=embeds,
+                             attention_mask=inputs["attention_mask"], gamma=2, **settings)
+    assert torch.equal(ours.sequences, hf)
+    with pytest.raises(ValueError, match="not_an_input"):
+        fastspec.generate(model, None, **inputs, not_an_input=torch.zeros(3, 2), max_new_tokens=2)

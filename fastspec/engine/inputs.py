@@ -63,11 +63,11 @@ def _named_parameters(fn) -> set:
 
 
 def split_model_inputs(model, kwargs: dict) -> Tuple[dict, dict]:
-    """(model inputs, generation kwargs): tensors the encoder (or the seq2seq forward) names, and
-    the decoder prompt, are inputs; everything else is left for the generation config to judge."""
+    """(model inputs, generation kwargs): tensors the encoder's forward names, and the decoder
+    prompt, are inputs; everything else is left for the generation config to judge."""
     inputs = {k: kwargs.pop(k) for k in DECODER_PROMPT_KEYS if k in kwargs}
     if introspect.is_encoder_decoder(model):
-        accepted = _named_parameters(model.get_encoder().forward) | _named_parameters(model.forward)
+        accepted = _named_parameters(model.get_encoder().forward)
         for key in list(kwargs):
             if key in accepted and isinstance(kwargs[key], torch.Tensor):
                 inputs[key] = kwargs.pop(key)
