@@ -31,7 +31,7 @@ from fastspec.errors import UserError
 from fastspec.eval import add_data_flags, add_sampling_flags, add_target_flags
 from fastspec.targets import check_device, check_target_spec, load_target_and_tokenizer
 
-DRAFTERS = ("ngram",) + DRAFTER_KINDS
+DRAFTERS = ("ngram",) + DRAFTER_KINDS + ("feature",)
 EXIT_USER_ERROR = 2
 
 
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="online: a no-grad target forward per batch; cache: the top-k logits stored by "
                    "`fastspec pseudo --topk_logits K`")
     t.add_argument("--ngram_n", type=int, default=4, help="n of the n-gram drafter")
+    t.add_argument("--feature_data", default="pseudo", choices=("pseudo", "references", "sources"),
+                   help="feature drafter: train on the target's own outputs (--pseudo_dataset_path, else generated), "
+                   "or teacher-forced references/sources (no generation)")
+    t.add_argument("--unroll", type=int, default=3, help="feature drafter: unrolled steps (weights 0.8^i)")
+    t.add_argument("--shortlist", type=int, default=8192, help="feature drafter: draft-vocabulary shortlist size")
     t.add_argument("--init_from", default=None, help="t5small/hf: a local HF folder to start from (the drafter model)")
     t.add_argument("--drafter_config", default="{}",
                    help='JSON of drafter architecture options, e.g. \'{"hidden_size": 256, "num_layers": 1}\'')

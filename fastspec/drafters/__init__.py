@@ -9,8 +9,9 @@ from fastspec.drafters.lstm import LSTMDrafter
 from fastspec.drafters.hf import HFDrafter
 from fastspec.drafters.layer_skip import LayerSkipDrafter
 from fastspec.drafters.ensemble import EnsembleDrafter
+from fastspec.drafters.feature import FeatureDrafter
 from fastspec.drafters.io import load_drafter
 
 __all__ = ["Drafter", "DraftRequest", "DraftStep", "DraftOutput", "CommitInfo", "SamplingParams", "RandomDrafter", "OracleDrafter",
            "NgramDrafter", "PromptLookupDrafter", "CNNDrafter", "LSTMDrafter", "HFDrafter", "LayerSkipDrafter",
-           "EnsembleDrafter", "load_drafter"]
+           "EnsembleDrafter", "FeatureDrafter", "load_drafter"]

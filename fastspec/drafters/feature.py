@@ -290,6 +290,7 @@ class FeatureDrafter(Drafter):
     kind = KIND
     deterministic = False  # greedy: argmax drafts, probs None; sampling: q returned
     hidden_state_layers: Optional[tuple] = DEFAULT_LAYERS
+    drafts_from_commits = True  # drafts from its own cache fed by commit, not from DraftStep.generated
 
     def __init__(self, model: FeatureModel):
         self.model = model.eval()

@@ -8,8 +8,23 @@ batch and all γ tokens); :func:`prompt_lookup_reference` is its pure-Python twi
 Rule (see csrc/include/fastspec/prompt_lookup.h), repeated until γ tokens are drafted:
 ``text = (prompt if causal) + generated + drafts``; for n = max_n..min_n take the last n tokens
 of ``text`` and copy what follows their earliest occurrence in the source (seq2seq), else in
-``text`` itself. Positions left without a match go to the ``fallback`` drafter (e.g. an
-:class:`~fastspec.drafters.ngram.NgramDrafter`), which sees the partial draft as context.
+``text`` itself. Positions left without a match go to the ``fallback`` drafter (any drafter).
+
+The hybrid (``fallback=``) decides per row and per step. A row whose last n ≥ ``min_n`` tokens
+match takes the lookup draft; the other rows take the fallback's draft. Two kinds of fallback:
+
+* context drafters (n-gram, CNN, LSTM, HF: they draft from ``DraftStep.generated``) continue a
+  partial match: they draft after ``generated + matched tokens``, so one call fills every row;
+* commit-driven drafters (``drafts_from_commits = True``, e.g. the FeatureDrafter: they draft from
+  their own KV cache and the target's features, fed by ``commit``) draft once from the real prefix;
+  lookup rows keep only their lookup tokens.
+
+Every row's draft is padded to the step's width k (the longest draft among active rows) with the
+row's last token (q one-hot there): any token is lossless, and these cost no extra verify position.
+The fallback sees every ``begin``/``commit``/``end`` and its ``hidden_state_layers``, so the engine
+feeds it the target's features. q (sampling) is one-hot on lookup tokens and pads and the
+fallback's q on its own tokens: each row's draft token is drawn from the q returned for it.
+``last_lookup_rows`` [B] bool records which rows took the lookup arm in the last step.
 """
 from __future__ import annotations
 
@@ -87,10 +102,20 @@ class PromptLookupDrafter(Drafter):
         self.fallback = fallback
         self.use_native = bool(use_native)
         self.vocab_size = fallback.vocab_size if fallback is not None else None
+        self.last_lookup_rows: Optional[torch.Tensor] = None
 
     @property
     def deterministic(self) -> bool:  # q is one-hot unless the fallback samples
         return self.fallback is None or self.fallback.deterministic
+
+    @property
+    def hidden_state_layers(self) -> Optional[tuple]:
+        """The fallback's request for target features (None = none), so the engine feeds it."""
+        return getattr(self.fallback, "hidden_state_layers", None)
+
+    @property
+    def drafts_from_commits(self) -> bool:
+        return bool(getattr(self.fallback, "drafts_from_commits", False))
 
     @property
     def native(self) -> bool:
@@ -125,22 +150,48 @@ class PromptLookupDrafter(Drafter):
         device = step.generated.device
         gamma = int(step.gamma)
         tokens, num = self.lookup(step.generated, step.num_generated, gamma)  # [B,γ], [B]
+        self.last_lookup_rows = num > 0
         probs = None
+        active = step.active.cpu().bool()
         missing = num < gamma
-        if bool(missing.any()):
-            if self.fallback is not None:
+        if self.fallback is not None and self.drafts_from_commits and bool((active & (num == 0)).any()):
+            tokens, probs = self._choose_per_row(step, tokens, num)
+        elif bool(missing.any()):
+            if self.fallback is not None and not self.drafts_from_commits:
                 tokens, probs = self._fill_with_fallback(step, tokens, num)
             else:
                 # Draft only as far as the longest match among active rows (fewer verified positions);
                 # shorter rows repeat their last known token there (a cheap guess the target corrects).
-                active = step.active.cpu()
                 width = int(num[active].max()) if bool(active.any()) else 0
-                last = self._last_tokens(step)
-                tokens = torch.where(tokens < 0, last[:, None], tokens)[:, :width]
+                tokens = self._pad(step, tokens, width)
         tokens = tokens.to(device)
-        if not self.deterministic and probs is None:
-            probs = torch.nn.functional.one_hot(tokens, self._vocab).float()
+        if not self.deterministic and probs is None and self.request.sampling.do_sample:
+            probs = torch.nn.functional.one_hot(tokens, self._vocab).float()  # greedy needs no q
         return DraftOutput(tokens=tokens, probs=None if probs is None else probs.to(device))
+
+    def _pad(self, step: DraftStep, tokens: torch.Tensor, width: int) -> torch.Tensor:
+        """tokens [B,≥width] with −1 where a row has none -> [B,width], −1 replaced by the row's last token."""
+        last = self._last_tokens(step)
+        if tokens.shape[1] < width:
+            tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], width - tokens.shape[1]), -1)], dim=1)
+        return torch.where(tokens < 0, last[:, None], tokens)[:, :width]
+
+    def _choose_per_row(self, step: DraftStep, tokens: torch.Tensor, num: torch.Tensor):
+        """Commit-driven fallback: it drafts once from the real prefix; rows without a lookup match
+        take its draft, the others their lookup tokens; all padded to the longest active draft."""
+        fb = self.fallback.draft(step)
+        fb_tokens = fb.tokens.long().cpu()  # [B,k_fb]
+        use_fb = num == 0  # [B]
+        active = step.active.cpu().bool()
+        lookup_width = int(num[active & ~use_fb].max()) if bool((active & ~use_fb).any()) else 0
+        width = max(lookup_width, fb_tokens.shape[1])
+        out = torch.where(use_fb[:, None], self._pad(step, fb_tokens, width), self._pad(step, tokens, width))
+        probs = None
+        if fb.probs is not None and fb_tokens.shape[1] > 0:
+            probs = torch.nn.functional.one_hot(out, fb.probs.shape[-1]).float()  # [B,k,V]
+            k_fb = fb_tokens.shape[1]
+            probs[:, :k_fb] = torch.where(use_fb[:, None, None], fb.probs.float().cpu(), probs[:, :k_fb])
+        return out, probs
 
     def _last_tokens(self, step: DraftStep) -> torch.Tensor:
         gen = step.generated.long().cpu()
@@ -185,8 +236,10 @@ class PromptLookupDrafter(Drafter):
         return out, probs
 
     def commit(self, info) -> None:
-        # The fallback's own drafts were not what was verified; stateful fallbacks resync in draft().
-        pass
+        # Every commit reaches the fallback: commit-driven ones (the FeatureDrafter) advance their
+        # cache and features with it; context drafters (the LSTM) check it against what they drafted.
+        if self.fallback is not None:
+            self.fallback.commit(info)
 
     def end(self) -> None:
         if self.fallback is not None:
@@ -204,7 +257,8 @@ class PromptLookupDrafter(Drafter):
         save_folder(folder, "prompt_lookup", config)
 
     @classmethod
-    def load(cls, folder: str, **kwargs) -> "PromptLookupDrafter":
+    def load(cls, folder: str, target=None, **kwargs) -> "PromptLookupDrafter":
+        """``target``: passed on to the fallback's loader (feature and layer-skip fallbacks need it)."""
         import os
 
         from fastspec.drafters.io import load_drafter
@@ -214,7 +268,7 @@ class PromptLookupDrafter(Drafter):
             max_n, min_n = int(config["max_n"]), int(config["min_n"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"corrupted prompt-lookup config in {folder!r}: {e}") from None
-        fallback = load_drafter(os.path.join(folder, config["fallback"])) if config.get("fallback") else None
+        fallback = load_drafter(os.path.join(folder, config["fallback"]), target) if config.get("fallback") else None
         return cls(max_n=max_n, min_n=min_n, fallback=fallback, **kwargs)
 
 
