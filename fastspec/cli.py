@@ -28,7 +28,7 @@ from fastspec.distill.students import DRAFTER_KINDS
 from fastspec.distill.trainer import TrainingError, train_from_cli
 from fastspec.drafters.io import load_drafter
 from fastspec.errors import UserError
-from fastspec.eval import add_data_flags, add_sampling_flags, add_target_flags
+from fastspec.eval import add_data_flags, add_drafter_dtype_flag, add_sampling_flags, add_target_flags
 from fastspec.targets import check_device, check_target_spec, load_target_and_tokenizer
 
 DRAFTERS = ("ngram",) + DRAFTER_KINDS + ("feature",)
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text in, text out, with speculative metrics",
                        description="Summarize/complete text with the target, speculatively with a drafter.")
     add_target_flags(g)
+    add_drafter_dtype_flag(g)
     g.add_argument("--text", default=None, help="the input text (default: read stdin)")
     g.add_argument("--raw", action="store_true", help="feed the text as is (no summarize:/chat template)")
     g.add_argument("--ckpt_path", default=None, help="a drafter folder saved by `fastspec train`")
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="interleaved speed comparison: autoregressive vs drafters (same engine)",
                        description="Ratios measured in one run: each prompt is decoded by every decoder in turn.")
     add_target_flags(b)
+    add_drafter_dtype_flag(b)
     add_data_flags(b, "test")
     b.add_argument("--ckpt_path", nargs="*", default=[], metavar="[LABEL=]FOLDER", help="drafter folders to compare")
     b.add_argument("--builtin", nargs="*", default=["prompt_lookup"], choices=list(evaluation.BUILTIN_DRAFTERS))
@@ -148,7 +150,7 @@ def cmd_pseudo(args) -> int:
     try:
         args.device = str(info.device)
         examples = load_examples(args.dataset, split=args.split, limit=args.num_samples)
-        target, tokenizer = load_target_and_tokenizer(args.target, args.device)
+        target, tokenizer = load_target_and_tokenizer(args.target, args.device, dtype=args.dtype)
         prompts = encode_prompts(tokenizer, target, [e.source for e in examples], args.max_source_length)
         refs = encode_references(tokenizer, [e.reference for e in examples], max_target_length=args.max_target_length)
         sources = [SourceRecord(i, e.id, p, r) for i, (e, p, r) in enumerate(zip(examples, prompts, refs))]
@@ -188,9 +190,9 @@ def cmd_generate(args) -> int:
         raise UserError("no input text (give --text or pipe text on stdin)")
     if args.ckpt_path and args.drafter:
         raise UserError("give either --ckpt_path or --drafter, not both")
-    target, tokenizer = load_target_and_tokenizer(args.target, args.device)
+    target, tokenizer = load_target_and_tokenizer(args.target, args.device, dtype=args.dtype)
     if args.ckpt_path:
-        drafter = load_drafter(args.ckpt_path, target)
+        drafter = load_drafter(args.ckpt_path, target, args.drafter_dtype)
     elif args.drafter == "none":
         drafter = None
     else:
@@ -220,20 +222,17 @@ def _fmt(value):
 
 def cmd_bench(args) -> int:
     work = evaluation.load_workload(args.target, args.device, args.dataset, args.split, args.num_samples or 4,
-                                    args.max_source_length)
+                                    args.max_source_length, dtype=args.dtype)
     checkpoints = evaluation.parse_checkpoints(args.ckpt_path)
-    decoders = evaluation.checkpoint_decoders(work.target, checkpoints, args.builtin, args.gamma)
+    decoders = evaluation.checkpoint_decoders(work.target, checkpoints, args.builtin, args.gamma, args.drafter_dtype)
     result = evaluation.compare(work.target, decoders, work.prompts, max_new_tokens=args.max_new_tokens,
                                 gamma=args.gamma, generate_kwargs={"do_sample": False}, repeats=args.repeats,
                                 progress=not args.no_progress, desc="bench")
     print(f"{len(work.prompts)} prompts × {args.repeats} repeats, median over repeats, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, dtype {str(introspect.model_dtype(work.target)).replace('torch.', '')}")
     print(report.text_table(result.rows, report.SPEC_COLUMNS))
-    bad = result.mismatches()
-    if bad:
-        print(f"ERROR: greedy outputs differ from autoregressive decoding for: {', '.join(bad)}")
-        return 1
-    return 0
+    print(evaluation.agreement_table(result.rows, markdown=False))
+    return evaluation.report_mismatches(result.mismatches())
 
 
 COMMANDS = {

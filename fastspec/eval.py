@@ -12,7 +12,13 @@ in :mod:`fastspec.metrics`). On top of them a row reports:
 * tokens/s = Σ new tokens / Σ wall time of the ``generate`` calls;
 * speedup = tokens/s of the decoder / tokens/s of autoregressive decoding;
 * verify_cost = the time of one verification forward (γ+1 positions) / that of one
-  autoregressive decode step: the ideal speedup assumes 1.
+  autoregressive decode step: the ideal speedup assumes 1;
+* agreement with autoregressive decoding (greedy only, :func:`record_agreement`): token agreement,
+  the first divergence per prompt, and whether each divergence sat at a near-tie of the target
+  (``divergence_near_tie``, with the largest ``divergence_gap`` and the ``near_tie_tolerance``).
+  In fp32 speculation must be identical; in bf16/fp16 a (γ+1)-token forward rounds differently
+  from a 1-token one, so outputs may part at near-ties, and only a divergence that is *not* a
+  near-tie is a bug (:meth:`Comparison.mismatches`, ``compare(strict=True)``).
 """
 from __future__ import annotations
 
@@ -25,10 +31,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastspec import engine, introspect, report
+from fastspec import engine, introspect, precision, report
 from fastspec.data import Example, encode_prompts, load_examples
 from fastspec.drafters import PromptLookupDrafter
-from fastspec.drafters.io import load_drafter, read_config
+from fastspec.drafters.io import DRAFTER_DTYPES, load_drafter, read_config
 from fastspec.errors import UserError
 from fastspec.metrics import GenerationMetrics
 from fastspec.targets import SMOLLM2, load_target_and_tokenizer
@@ -125,6 +131,13 @@ def summarize(run: DecodeRun, reference: Optional[DecodeRun], greedy: bool) -> D
         "ideal_speedup": m.ideal_speedup if speculative else None,
         "draft_time_s": m.draft_time_s,
         "target_time_s": m.target_time_s,
+        # agreement with autoregressive decoding (None when not compared: sampling)
+        "token_agreement": m.token_agreement,
+        "divergences": m.divergences if m.compared_tokens else None,
+        "first_divergence": m.first_divergence,
+        "divergence_positions": list(m.divergence_positions),
+        "divergence_near_tie": m.divergence_near_tie,
+        "divergence_gap": m.divergence_gap,
         **run.info,
     }
     if reference is run:
@@ -192,6 +205,36 @@ def decode_all(
     return runs
 
 
+def near_tie_tolerance(target) -> float:
+    """The top-2 logit gap under which a divergence counts as a near-tie, for the target's dtype."""
+    return precision.NEAR_TIE_TOLERANCE.get(introspect.model_dtype(introspect.hf_model(target)), 1e-3)
+
+
+def record_agreement(target, runs: Dict[str, DecodeRun], prompts: Sequence[Sequence[int]], reference: str = AR_NAME,
+                     tolerance: Optional[float] = None) -> None:
+    """Add to every run's metrics its agreement with the ``reference`` run (greedy outputs on the
+    same prompts): tokens reproduced before the first divergence and, at a divergence, the target's
+    logit gap there (:func:`fastspec.precision.check_divergence`): a near-tie or not."""
+    model = introspect.hf_model(target)
+    device, seq2seq = introspect.model_device(model), introspect.is_encoder_decoder(model)
+    inputs = {"decoder_start_token_id": introspect.decoder_start_token_id(model)} if seq2seq else {}
+    tolerance = near_tie_tolerance(target) if tolerance is None else tolerance
+    for run in runs.values():
+        counts = GenerationMetrics()
+        for prompt, ours, theirs in zip(prompts, run.outputs, runs[reference].outputs):
+            agreeing, compared = precision.token_agreement(theirs, ours)
+            found = None
+            if agreeing < compared or len(ours) != len(theirs):
+                ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+                found = precision.check_divergence(model, theirs, ours, tolerance=tolerance, input_ids=ids, **inputs)
+            counts.record_divergence(agreeing, compared, *((found.position, found.gap, found.near_tie) if found else ()))
+        run.metrics = run.metrics + counts
+
+
+class DivergenceError(AssertionError):
+    """A greedy output parted from autoregressive decoding where the target had no near-tie: a bug."""
+
+
 # --------------------------------------------------------------------------- the shared comparison
 
 
@@ -215,18 +258,22 @@ class Workload:
 
 
 def load_workload(target_spec: Optional[str], device: str, dataset: str, split: str, num_samples: Optional[int],
-                  max_source_length: Optional[int]) -> Workload:
-    """Load the target and encode the first ``num_samples`` examples of ``dataset``/``split``."""
-    target, tokenizer = load_target_and_tokenizer(target_spec, device)
+                  max_source_length: Optional[int], dtype=None) -> Workload:
+    """Load the target (``dtype``: a name incl. "auto", or a torch dtype; None keeps the checkpoint's)
+    and encode the first ``num_samples`` examples of ``dataset``/``split``."""
+    target, tokenizer = load_target_and_tokenizer(target_spec, device, dtype=dtype)
     examples = load_examples(dataset, split=split, limit=num_samples)
     prompts = encode_prompts(tokenizer, target, [e.source for e in examples], max_source_length)
     return Workload(target, tokenizer, examples, prompts, max_source_length)
 
 
-def checkpoint_decoders(target, checkpoints: Sequence[tuple], builtins: Sequence[str], gamma: int) -> List[Decoder]:
-    """A decoder per saved drafter (``(label, folder)``, loaded and checked against ``target``) and per
+def checkpoint_decoders(target, checkpoints: Sequence[tuple], builtins: Sequence[str], gamma: int,
+                        drafter_dtype=None) -> List[Decoder]:
+    """A decoder per saved drafter (``(label, folder)``, loaded and checked against ``target``; in
+    ``drafter_dtype``, default the target's, see :func:`~fastspec.drafters.io.load_drafter`) and per
     built-in drafter name (:data:`BUILTIN_DRAFTERS`)."""
-    decoders = [Decoder(label, load_drafter(path, target), gamma, describe_checkpoint(path)) for label, path in checkpoints]
+    decoders = [Decoder(label, load_drafter(path, target, drafter_dtype), gamma, describe_checkpoint(path))
+                for label, path in checkpoints]
     for name in builtins:
         if name not in BUILTIN_DRAFTERS:
             raise UserError(f"unknown built-in drafter {name!r}; choose from {', '.join(BUILTIN_DRAFTERS)}")
@@ -239,26 +286,52 @@ class Comparison:
     rows: List[Dict[str, Any]]  # one per decoder, autoregressive first
     runs: Dict[str, DecodeRun]  # of the last repeat
     greedy: bool
+    exact: bool = True  # fp32/fp64 target: greedy outputs must be identical to autoregressive decoding
+    tolerance: Optional[float] = None  # near-tie tolerance used for the divergences
 
     def mismatches(self) -> List[str]:
-        """Decoders whose greedy outputs differ from autoregressive decoding (a lossless bug)."""
-        return [r["name"] for r in self.rows if r.get("identical") is False]
+        """Decoders whose greedy outputs betray a lossless bug: any difference from autoregressive
+        decoding in fp32; in bf16/fp16 a divergence that is not a near-tie of the target."""
+        return [r["name"] for r in self.rows if mismatch(r, self.exact)]
+
+    def check_agreement(self) -> None:
+        """Raise :class:`DivergenceError` naming the :meth:`mismatches`, if any."""
+        bad = [r for r in self.rows if mismatch(r, self.exact)]
+        if bad:
+            raise DivergenceError("greedy outputs part from autoregressive decoding without a near-tie: " + "; ".join(
+                f"{r['name']} (first at {r.get('first_divergence')}, gap {r.get('divergence_gap')}, "
+                f"tolerance {r.get('near_tie_tolerance')})" for r in bad))
+
+
+def mismatch(row: Dict[str, Any], exact: bool = True) -> bool:
+    """A row whose greedy outputs betray a bug (see :meth:`Comparison.mismatches`)."""
+    if row.get("identical") is not False:
+        return False
+    return exact or row.get("divergence_near_tie") is not True
 
 
 def compare(target, decoders: Sequence[Decoder], prompts: Sequence[Sequence[int]], *, max_new_tokens: int, gamma: int,
             generate_kwargs: Optional[Dict[str, Any]] = None, repeats: int = 1, progress: bool = True,
-            desc: str = "decoding") -> Comparison:
+            desc: str = "decoding", strict: bool = False, tolerance: Optional[float] = None) -> Comparison:
     """Autoregressive decoding + every decoder on the prompts, ``repeats`` times: one row per decoder
-    against autoregressive decoding; speedup and tokens/s are medians over the repeats."""
+    against autoregressive decoding; speedup and tokens/s are medians over the repeats.
+
+    Greedy: each row also carries its agreement with autoregressive decoding (of the last repeat,
+    :func:`record_agreement`; ``tolerance`` defaults to the target dtype's near-tie tolerance).
+    ``strict``: raise :class:`DivergenceError` when a decoder parts from it without a near-tie
+    (in fp32: at all)."""
     if repeats < 1 or gamma < 1 or max_new_tokens < 1:
         raise UserError("--repeats, --gamma and --max_new_tokens must be >= 1")
     gen = dict(generate_kwargs or {})
     greedy = not gen.get("do_sample", False)
     all_decoders = [Decoder(AR_NAME)] + [d for d in decoders if d.name != AR_NAME]
+    tolerance = near_tie_tolerance(target) if tolerance is None else float(tolerance)
     per_repeat = []
-    for _ in range(repeats):
+    for repeat in range(repeats):
         runs = decode_all(target, all_decoders, prompts, max_new_tokens=max_new_tokens, gamma=gamma,
                           generate_kwargs=gen, progress=progress, desc=desc)
+        if greedy and repeat == repeats - 1:
+            record_agreement(target, runs, prompts, AR_NAME, tolerance)
         per_repeat.append([summarize(runs[d.name], runs[AR_NAME], greedy) for d in all_decoders])
     rows = per_repeat[-1]
     for i, row in enumerate(rows):
@@ -266,7 +339,12 @@ def compare(target, decoders: Sequence[Decoder], prompts: Sequence[Sequence[int]
             values = [r[i][key] for r in per_repeat if r[i].get(key) is not None]
             if values:
                 row[key] = statistics.median(values)
-    return Comparison(rows, runs, greedy)
+        row["near_tie_tolerance"] = tolerance if greedy else None
+    exact = introspect.model_dtype(introspect.hf_model(target)) in (torch.float32, torch.float64)
+    result = Comparison(rows, runs, greedy, exact, tolerance)
+    if strict:
+        result.check_agreement()
+    return result
 
 
 def generation_kwargs(args) -> Dict[str, Any]:
@@ -345,6 +423,16 @@ def add_target_flags(p: argparse.ArgumentParser, max_source_length: int = 512) -
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (under torchrun: cuda = cuda:LOCAL_RANK)")
     p.add_argument("--max_source_length", type=int, default=max_source_length,
                    help="truncate prompts to this many tokens (a warning counts them)")
+    p.add_argument("--dtype", default="float32", metavar="{auto,float32,bfloat16,float16}",
+                   help="the target's dtype (default float32, the exactness reference; auto: bf16 where the device "
+                   "has bf16 units, else fp32). In bf16/fp16 greedy outputs may part from autoregressive decoding "
+                   "at near-ties; eval/bench report where")
+
+
+def add_drafter_dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter_dtype", default=None, metavar="{" + ",".join(DRAFTER_DTYPES) + "}",
+                   help="the drafters' dtype (default: the target's); int8: dynamically quantized on the CPU "
+                   "(torch.ao; CNN/LSTM then run their Python path). The target is never quantized")
 
 
 def add_data_flags(p: argparse.ArgumentParser, split: str, num_samples: Optional[int] = None) -> None:
@@ -371,6 +459,14 @@ def check_flags(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be >= 1, got {value}")
+    if getattr(args, "dtype", None) is not None:  # a name this device can run, announced once
+        try:
+            precision.resolve_dtype(args.dtype, getattr(args, "device", None) or "cpu", announce=True)
+        except UserError as err:
+            raise UserError(f"--dtype {args.dtype}: {err}") from None
+    drafter_dtype = getattr(args, "drafter_dtype", None)
+    if drafter_dtype is not None and str(drafter_dtype).lower() not in DRAFTER_DTYPES + ("fp32", "bf16", "fp16"):
+        raise UserError(f"--drafter_dtype {drafter_dtype!r}: accepted: {', '.join(DRAFTER_DTYPES)}")
     if getattr(args, "do_sample", False):
         if args.temperature <= 0:
             raise UserError(f"--temperature must be > 0 when sampling, got {args.temperature}")
@@ -386,6 +482,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--builtin", nargs="*", default=[], choices=list(BUILTIN_DRAFTERS),
                         help="drafters that need no checkpoint, evaluated beside the checkpoints")
     add_target_flags(parser, max_source_length=1024)
+    add_drafter_dtype_flag(parser)
     add_data_flags(parser, "test", num_samples=20)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--gamma", type=int, default=5, help="draft tokens per step (γ)")
@@ -413,7 +510,36 @@ def evaluate(
     if references is not None and tokenizer is not None:
         for row in result.rows:
             row.update(rouge_scores(decode_texts(tokenizer, result.runs[row["name"]].outputs), references))
-    return {"rows": result.rows, "runs": result.runs, "greedy": result.greedy}
+    return {"rows": result.rows, "runs": result.runs, "greedy": result.greedy, "mismatches": result.mismatches()}
+
+
+def _positions(row) -> str:
+    positions = row.get("divergence_positions") or []
+    return ", ".join(str(p) for p in positions) if positions else "–"
+
+
+def _near_tie(row) -> str:
+    near, gap, tol = row.get("divergence_near_tie"), row.get("divergence_gap"), row.get("near_tie_tolerance")
+    if near is None:
+        return "–"
+    where = f"gap {gap:.3g}" if gap is not None else "gap –"
+    return f"{'yes' if near else 'NO'} (max {where}, tolerance {tol:g})"
+
+
+AGREEMENT_COLUMNS = [
+    report.Column("name", "decoder"),
+    report.Column("token_agreement", "token agreement with AR", report.fmt_float(4)),
+    report.Column("divergences", "diverging prompts", lambda v: "–" if v is None else str(v)),
+    report.Column("first_divergence_text", "first divergence (token index per prompt)"),
+    report.Column("near_tie_text", "near-tie (top-2 logit gap ≤ tolerance)"),
+]
+
+
+def agreement_table(rows: Sequence[Dict[str, Any]], markdown: bool = True) -> str:
+    """Token agreement with autoregressive decoding, first divergences and their near-tie verdicts."""
+    shown = [dict(r, first_divergence_text=_positions(r), near_tie_text=_near_tie(r)) for r in rows]
+    columns = AGREEMENT_COLUMNS
+    return report.markdown_table(shown, columns) if markdown else report.text_table(shown, columns)
 
 
 EVAL_EXTRA_COLUMNS = ("kind", "training")
@@ -442,6 +568,8 @@ def write_eval_report(result: Dict[str, Any], out_dir: str, settings: Dict[str, 
         ("Settings", report.summarize_settings(settings)),
         ("Acceptance and speed", report.markdown_table(rows, columns)),
     ]
+    if result.get("greedy", True) and rows and rows[0].get("token_agreement") is not None:
+        sections.append(("Agreement with autoregressive decoding", agreement_table(rows)))
     if rows and "rouge1" in rows[0]:
         sections.append(("ROUGE (F1)", report.markdown_table(rows, rouge_columns)))
     sections.append(("Plots", "![per-position acceptance](per_position_acceptance.png)\n\n![alpha](alpha.png)"))
@@ -455,8 +583,9 @@ def main(args) -> int:
     checkpoints = parse_checkpoints(args.ckpt_path)
     if not checkpoints and not args.builtin:
         raise UserError("nothing to evaluate: give --ckpt_path FOLDER [FOLDER ...] and/or --builtin prompt_lookup")
-    work = load_workload(args.target, args.device, args.dataset, args.split, args.num_samples, args.max_source_length)
-    decoders = checkpoint_decoders(work.target, checkpoints, args.builtin, args.gamma)
+    work = load_workload(args.target, args.device, args.dataset, args.split, args.num_samples, args.max_source_length,
+                         dtype=args.dtype)
+    decoders = checkpoint_decoders(work.target, checkpoints, args.builtin, args.gamma, args.drafter_dtype)
     result = evaluate(work.target, work.tokenizer, decoders, work.prompts, work.references,
                       max_new_tokens=args.max_new_tokens, gamma=args.gamma, generate_kwargs=generation_kwargs(args),
                       progress=not args.no_progress)
@@ -464,15 +593,23 @@ def main(args) -> int:
         "target": args.target, "dataset": args.dataset, "split": args.split, "num_prompts": len(work.prompts),
         "max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "device": args.device,
         "decoding": "sampling" if args.do_sample else "greedy", "torch_threads": torch.get_num_threads(),
+        "dtype": str(introspect.model_dtype(work.target)).replace("torch.", ""),
+        "drafter_dtype": args.drafter_dtype or "the target's",
         "checkpoints": {label: path for label, path in checkpoints},
     }
     files = write_eval_report(result, args.out, settings)
     columns = list(report.SPEC_COLUMNS)
     columns[1:1] = [report.Column("training", "training", lambda v: v or "–")]
     print(report.text_table(result["rows"], columns))
+    if result["greedy"]:
+        print("\n" + agreement_table(result["rows"], markdown=False))
     print(f"\nreport: {files['markdown']}\njson:   {files['json']}")
-    bad = [r["name"] for r in result["rows"] if r.get("identical") is False]
+    return report_mismatches(result["mismatches"])
+
+
+def report_mismatches(bad: Sequence[str]) -> int:
+    """Print the decoders whose greedy outputs betray a bug; the exit status (1 if any)."""
     if bad:
-        print(f"ERROR: greedy outputs differ from autoregressive decoding for: {', '.join(bad)}")
+        print(f"ERROR: greedy outputs differ from autoregressive decoding (not at a near-tie) for: {', '.join(bad)}")
         return 1
     return 0

@@ -9,15 +9,19 @@ Definitions (a *row-step* is one row of the batch in one verification step with 
 * α = E[β] = Σ (accepted/γ) / row-steps (the seed's acceptance rate);
 * τ = 1 + Σ accepted / row-steps: tokens emitted per target forward and row;
 * c = (draft time per drafted token) / (time per verification forward of the target);
-* ideal speedup = (1 − α^(γ+1)) / ((1 − α)(γc + 1)) (Leviathan et al. 2023).
+* ideal speedup = (1 − α^(γ+1)) / ((1 − α)(γc + 1)) (Leviathan et al. 2023);
+* token agreement = Σ tokens reproduced before the first divergence from autoregressive decoding /
+  Σ autoregressive tokens compared (filled by ``fastspec.eval``: 1.0 in fp32, may dip in bf16/fp16,
+  where each divergence should be a near-tie, see :mod:`fastspec.precision`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import List
+from typing import List, Optional
 
 _DERIVED = ("acceptance_rate", "mean_accepted_length", "per_position_acceptance", "gamma", "c", "ideal_speedup",
-            "engine_time_s")
+            "engine_time_s", "token_agreement", "first_divergence", "divergence_near_tie", "divergence_gap")
+_CONCATENATED = ("divergence_positions", "divergence_gaps")  # per-request lists: merged by concatenation
 
 
 def ideal_speedup(alpha: float, gamma: float, c: float) -> float:
@@ -50,6 +54,13 @@ class GenerationMetrics:
     draft_time_s: float = 0.0
     total_time_s: float = 0.0
     num_generated_tokens: int = 0
+    # agreement with autoregressive decoding on the same prompts (greedy; filled by fastspec.eval)
+    agreement_tokens: int = 0  # Σ tokens equal to the autoregressive output before its first divergence
+    compared_tokens: int = 0  # Σ autoregressive tokens compared
+    divergences: int = 0  # requests whose output parted from the autoregressive one
+    near_tie_divergences: int = 0  # ... at a near-tie of the target (numerics, not a bug)
+    divergence_positions: List[int] = field(default_factory=list)  # per diverging request: first new-token index
+    divergence_gaps: List[float] = field(default_factory=list)  # per diverging request: target top logit gap (nan: none)
 
     # ----------------------------------------------------------------- derived
     @property
@@ -85,6 +96,38 @@ class GenerationMetrics:
         """The loop's own overhead: total − draft − target."""
         return max(self.total_time_s - self.draft_time_s - self.target_time_s, 0.0)
 
+    @property
+    def token_agreement(self) -> Optional[float]:
+        """Share of the autoregressive tokens reproduced before each request's first divergence (None: not compared)."""
+        return self.agreement_tokens / self.compared_tokens if self.compared_tokens else None
+
+    @property
+    def first_divergence(self) -> Optional[int]:
+        """The earliest first-divergence position over the requests (None: no divergence)."""
+        return min(self.divergence_positions) if self.divergence_positions else None
+
+    @property
+    def divergence_near_tie(self) -> Optional[bool]:
+        """True when every divergence sat at a near-tie; None when there was none."""
+        return self.near_tie_divergences == self.divergences if self.divergences else None
+
+    @property
+    def divergence_gap(self) -> Optional[float]:
+        """The largest target top-logit gap at a divergence (None: no divergence or no gap known)."""
+        gaps = [g for g in self.divergence_gaps if g == g]
+        return max(gaps) if gaps else None
+
+    def record_divergence(self, agreeing: int, compared: int, position: Optional[int] = None,
+                          gap: Optional[float] = None, near_tie: Optional[bool] = None) -> None:
+        """Count one request compared with autoregressive decoding (``position`` None: identical)."""
+        self.agreement_tokens += agreeing
+        self.compared_tokens += compared
+        if position is not None:
+            self.divergences += 1
+            self.near_tie_divergences += int(bool(near_tie))
+            self.divergence_positions.append(int(position))
+            self.divergence_gaps.append(float("nan") if gap is None else float(gap))
+
     # ----------------------------------------------------------------- merging and access
     def __add__(self, other: "GenerationMetrics") -> "GenerationMetrics":
         if not isinstance(other, GenerationMetrics):
@@ -92,7 +135,9 @@ class GenerationMetrics:
         merged = {}
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if isinstance(a, list):
+            if f.name in _CONCATENATED:
+                merged[f.name] = list(a) + list(b)
+            elif isinstance(a, list):
                 width = max(len(a), len(b))
                 a, b = a + [0] * (width - len(a)), b + [0] * (width - len(b))
                 merged[f.name] = [x + y for x, y in zip(a, b)]

@@ -6,6 +6,7 @@ precision we report agreement and check that each divergence is a near-tie.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ def resolve_dtype(dtype, device: Union[str, torch.device, None] = None, announce
 def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
     """int8 weight, dynamic int8 activation copy of ``module``'s Linear (and LSTM) layers, for CPU.
 
+    ``module`` itself is left as it was (a float32 deep copy is quantized); a bare Linear or LSTM
+    is quantized too. The copy takes float32 inputs.
+
     Uses ``torch.ao.quantization.quantize_dynamic`` (fbgemm/x86 kernels). Its successor, torchao's
     ``Int8WeightOnlyConfig``, was 2-5x *slower* than fp32 in eager mode on this CPU (it relies on
     torch.compile), while quantize_dynamic was 5-13x faster on a drafter's vocabulary-wide head,
@@ -102,11 +106,17 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
     """
     if any(p.device.type != "cpu" for p in module.parameters()):
         raise UserError("int8 drafters run on the CPU only (torch.ao dynamic quantization)")
+    wrapped = torch.nn.Sequential(copy.deepcopy(module).float())  # quantize_dynamic swaps children only
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notices would print on every call site
-        return torch.ao.quantization.quantize_dynamic(
-            module.float(), {torch.nn.Linear, torch.nn.LSTM}, dtype=torch.qint8, inplace=False
-        )
+        torch.ao.quantization.quantize_dynamic(wrapped, {torch.nn.Linear, torch.nn.LSTM}, dtype=torch.qint8,
+                                               inplace=True)
+    return wrapped[0]
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """True when ``module`` is (or holds) a torch.ao dynamically quantized layer."""
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
 
 
 # ------------------------------------------------------------------------------- agreement

@@ -17,6 +17,7 @@ from typing import List, Optional, Union
 import torch
 
 from fastspec.errors import UserError
+from fastspec.precision import resolve_dtype
 
 SMOLLM2 = "smollm2"  # the embedded default target (DESIGN §4)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,17 +29,6 @@ def cache_dir() -> Path:
         return Path(os.environ["FASTSPEC_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "fastspec"
-
-
-def _resolve_dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).replace("torch.", "")
-    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
-    resolved = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(resolved, torch.dtype):
-        raise UserError(f"unknown dtype {dtype!r}")
-    return resolved
 
 
 def _model_class(config):
@@ -99,14 +89,17 @@ def load_target(
         name_or_path: a local folder or a hub name (needs a reachable hub).
         gguf_file: a GGUF file name inside ``name_or_path`` (dequantized once, then cached as
             safetensors under :func:`cache_dir`).
-        dtype: torch dtype or its name ("float32", "bf16", ...); None keeps the checkpoint's.
+        dtype: torch dtype or its name: "auto" (bf16 where the device has bf16 units, else fp32),
+            "float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16" (:func:`fastspec.precision.resolve_dtype`);
+            None keeps the checkpoint's. Unknown names and fp16 on a CPU without fp16 units are a
+            :class:`UserError`.
         device: where to put the model (default CPU).
         device_map: passed to ``from_pretrained`` (e.g. "auto" shards over the visible devices; needs
             ``accelerate``); the engine feeds inputs to the first shard. Excludes ``device``.
     """
     from transformers import AutoConfig
 
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, device or ("cuda" if device_map is not None and torch.cuda.is_available() else "cpu"))
     if device_map is not None and device is not None:
         raise ValueError("pass device or device_map, not both")
     placement = {} if device_map is None else {"device_map": device_map}
@@ -129,10 +122,11 @@ def smollm2_folder() -> Path:
 
 
 def load_smollm2(dtype=None, device=None):
-    """(model, tokenizer) of the real SmolLM2-135M-Instruct, via the safetensors cache."""
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, via the safetensors cache (``dtype``:
+    as for :func:`load_target`)."""
     from transformers import AutoTokenizer
 
-    model, folder = _load_gguf_cached(smollm2_folder(), SMOLLM2_GGUF, _resolve_dtype(dtype))
+    model, folder = _load_gguf_cached(smollm2_folder(), SMOLLM2_GGUF, resolve_dtype(dtype, device))
     if (folder / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
@@ -198,7 +192,8 @@ def check_target_spec(spec: str) -> None:
 
 def load_target_and_tokenizer(spec: Optional[str], device: str = "cpu", dtype=None):
     """(model, tokenizer): ``smollm2`` (or None) is the offline SmolLM2-135M-Instruct; else a
-    local folder or a hub name. A folder or name transformers cannot load is a :class:`UserError`."""
+    local folder or a hub name. ``dtype``: as for :func:`load_target` (names incl. "auto"). A folder
+    or name transformers cannot load is a :class:`UserError`."""
     from transformers import AutoTokenizer
 
     if spec in (None, "", SMOLLM2):

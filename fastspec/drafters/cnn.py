@@ -67,7 +67,7 @@ def cnn_draft_reference(model: CausalConvLM, window: torch.Tensor, src_bias: tor
     for _ in range(gamma):
         last = model.hidden(win, src_bias)[:, -1]  # [B,D]
         last = F.layer_norm(last, (last.shape[-1],), model.norm.weight, model.norm.bias, model.norm.eps)
-        logits = F.linear(last, model.head.weight, model.head.bias)  # [B,V]
+        logits = model.head(last)  # [B,V] (the module: an int8 head works too)
         nxt, scores, prev = choose_tokens(logits, sampling, prev, generator)
         tokens.append(nxt)
         scores_all.append(scores)

@@ -37,9 +37,10 @@ class HFDrafter(Drafter):
 
     deterministic = False
 
-    def __init__(self, model, *, generator: Optional[torch.Generator] = None):
+    def __init__(self, model, *, generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None):
         self.model = model.eval()
-        self.vocab_size = introspect.vocab_size(model)
+        # vocab_size: given for an int8 model, whose packed head has no ``weight`` tensor to read it from
+        self.vocab_size = int(vocab_size) if vocab_size is not None else introspect.vocab_size(model)
         self.is_encoder_decoder = introspect.is_encoder_decoder(model)
         self.generator = generator
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters

@@ -5,10 +5,14 @@ The folder format itself (``config.json`` + ``model.safetensors``, checksummed) 
 """
 from __future__ import annotations
 
+import copy
 import os
+import sys
 from typing import Optional
 
-from fastspec import introspect
+import torch
+
+from fastspec import introspect, precision
 from fastspec.drafters.folder import (  # noqa: F401  (re-exported: the drafter folder format)
     CONFIG_FILE,
     FORMAT_NAME,
@@ -22,7 +26,7 @@ from fastspec.drafters.folder import (  # noqa: F401  (re-exported: the drafter 
     update_config,
 )
 # modules, not classes: prompt_lookup imports this module while it is itself being imported
-from fastspec.drafters import cnn, ensemble, hf, layer_skip, lstm, ngram, prompt_lookup
+from fastspec.drafters import cnn, ensemble, feature, hf, layer_skip, lstm, neural, ngram, prompt_lookup
 from fastspec.errors import UserError
 
 
@@ -37,16 +41,30 @@ def _drafter_classes() -> dict:
     }
 
 
-def load_drafter(folder: str, target=None):
+DRAFTER_DTYPES = ("float32", "bfloat16", "float16", "int8")  # load_drafter(dtype=...), --drafter_dtype
+
+
+def load_drafter(folder: str, target=None, dtype=None):
     """The drafter saved in ``folder``, whatever its kind.
 
     target: the target model the drafter will serve. Layer-skip drafters (alone or inside an
         ensemble) need it, since their weights are the target's; with it, a drafter whose
         vocabulary differs from the target's is refused here rather than at the first draft.
-    Raises :class:`~fastspec.errors.UserError` for a missing, corrupt or mismatched folder.
+    dtype: None (default): the drafter follows the target's dtype. A checkpoint stored in another
+        dtype (say fp32 weights for a bf16 target) is CAST to the target's dtype, with one note
+        line on stderr saying so: drafters are small, the engine compares only token ids, so
+        losslessness never depends on the drafter's precision, and one dtype per run keeps the
+        drafter's matmuls on the same (fast or emulated) units as the target's. Without a target
+        the checkpoint's dtype is kept. Otherwise "float32"/"bfloat16"/"float16" (or a torch
+        dtype) cast the drafter to that dtype, and "int8" gives a dynamically quantized float32
+        drafter (:func:`quantize_drafter`, CPU only). Layer-skip drafters are the target's own
+        layers and are never cast (int8 quantizes a copy of the drafter's layers).
+    Raises :class:`~fastspec.errors.UserError` for a missing, corrupt or mismatched folder and
+    for a dtype outside :data:`DRAFTER_DTYPES`.
     """
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such drafter folder (missing checkpoint)")
+    want = _drafter_dtype(dtype, target)
     kind = canonical_kind(read_config(folder)["kind"])
     if kind == "layer_skip":
         if target is None:
@@ -54,15 +72,133 @@ def load_drafter(folder: str, target=None):
         drafter = layer_skip.LayerSkipDrafter.load(folder, introspect.hf_model(target))
     elif kind == "ensemble":
         config, _ = load_folder(folder, "ensemble")
-        members = [load_drafter(os.path.join(folder, sub), target) for sub in config.get("drafters", [])]
+        members = [load_drafter(os.path.join(folder, sub), target, dtype) for sub in config.get("drafters", [])]
         drafter = ensemble.EnsembleDrafter.from_config(config, members, folder)
+        want = None  # the members are cast or quantized already
+    elif kind == "feature":
+        if target is None:
+            raise UserError(f"{folder}: a feature drafter needs its target (load_drafter(folder, target=...))")
+        drafter = feature.FeatureDrafter.load(folder, introspect.hf_model(target))
     elif kind in _drafter_classes():
         drafter = _drafter_classes()[kind].load(folder)
     else:
         raise UserError(f"{folder!r}: unknown drafter kind {kind!r}")
     if target is not None:
         check_vocabulary(drafter, target, folder)
+    if want == "int8":
+        return quantize_drafter(drafter)
+    weights = _float_weights(drafter)
+    if want is not None and weights is not None:
+        stored = introspect.model_dtype(weights)
+        if stored != want:
+            if dtype is None:
+                print(f"fastspec: note: drafter {folder} is stored in {_name(stored)}, the target runs in "
+                      f"{_name(want)}: cast the drafter to {_name(want)}", file=sys.stderr)
+            weights.to(want)
     return drafter
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _drafter_dtype(dtype, target):
+    """The dtype a loaded drafter gets: "int8", a torch float dtype, or None (keep the checkpoint's)."""
+    if dtype is None:
+        return None if target is None else introspect.model_dtype(introspect.hf_model(target))
+    if isinstance(dtype, str) and dtype.lower() in ("int8", "qint8"):
+        return "int8"
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        raise UserError(f"drafter dtype 'auto': leave it unset to follow the target; accepted: {', '.join(DRAFTER_DTYPES)}")
+    try:
+        return precision.resolve_dtype(dtype, "cpu" if target is None else introspect.model_device(target))
+    except UserError as err:
+        raise UserError(f"drafter {err}; for drafters: {', '.join(DRAFTER_DTYPES)}") from None
+
+
+def _float_weights(drafter) -> Optional[torch.nn.Module]:
+    """The drafter's own float module (what a cast changes); None for drafters without weights and
+    for layer-skip drafters (their weights are the target's)."""
+    if isinstance(drafter, layer_skip.LayerSkipDrafter) or precision.is_quantized(getattr(drafter, "model", torch.nn.Module())):
+        return None
+    model = getattr(drafter, "model", None)
+    return model if isinstance(model, torch.nn.Module) and any(True for _ in model.parameters()) else None
+
+
+# --------------------------------------------------------------------------- int8 drafters
+
+
+def quantize_drafter(drafter):
+    """An int8 copy of ``drafter`` (torch.ao dynamic quantization through
+    :func:`fastspec.precision.quantize_int8`, CPU only); ``drafter`` itself is untouched.
+
+    The one place that knows which modules of each kind are quantized:
+
+    * CNN: the vocabulary-wide head Linear (convolutions stay float32); LSTM: the head Linear and
+      the LSTM. Their native runtime reads float weights, so the copy runs the Python twin;
+    * feature drafter: its decoder layer's Linears and the head (fusion + input projection stay float32);
+    * HFDrafter: every Linear of the drafter model (lm_head included);
+    * LayerSkipDrafter: a float32 copy of only the drafter's first k layers, final norm and LM
+      head is quantized; the target's own modules are never touched (nor quantized);
+    * ensemble: each member; n-gram and prompt lookup have no weights and are returned as they are.
+
+    The engine verifies every draft with the target, so outputs stay lossless whatever the drafter.
+    """
+    if isinstance(drafter, layer_skip.LayerSkipDrafter):
+        return _quantize_layer_skip(drafter)
+    if isinstance(drafter, hf.HFDrafter):
+        out = hf.HFDrafter(precision.quantize_int8(drafter.model), generator=drafter.generator,
+                         vocab_size=drafter.vocab_size)
+    elif isinstance(drafter, neural.NeuralDrafter):
+        model = copy.deepcopy(drafter.model).float()
+        model.head = precision.quantize_int8(model.head)
+        if isinstance(model, lstm.LSTMLM):
+            model.lstm = precision.quantize_int8(model.lstm)
+        out = type(drafter)(model, start_token_id=drafter.start_token_id, use_native=False)
+    elif isinstance(drafter, feature.FeatureDrafter):
+        embed = drafter.model._embed  # the target's embeddings: shared, never copied
+        model = copy.deepcopy(drafter.model, {id(embed): embed}).float()
+        model.layer = precision.quantize_int8(model.layer)
+        model.head = precision.quantize_int8(model.head)
+        out = feature.FeatureDrafter(model)
+    elif isinstance(drafter, ensemble.EnsembleDrafter):
+        out = copy.copy(drafter)
+        out.drafters = [quantize_drafter(d) for d in drafter.drafters]
+    elif isinstance(drafter, (ngram.NgramDrafter, prompt_lookup.PromptLookupDrafter)):
+        return drafter
+    else:
+        raise UserError(f"int8: fastspec does not know which modules of a {type(drafter).__name__} to quantize")
+    out.quantized = True
+    return out
+
+
+def _to_float32(value):
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float32(v) for v in value)
+    return value
+
+
+def _float32_inputs(module, args, kwargs):
+    """Forward pre-hook: the quantized layers of a layer-skip copy take float32 whatever the target's dtype."""
+    return _to_float32(args), {k: _to_float32(v) for k, v in kwargs.items()}
+
+
+def _quantize_layer_skip(drafter):
+    """LayerSkipDrafter: quantize float32 copies of the first k layers + exit; the target is shared, untouched."""
+    view = layer_skip.truncated_view(drafter.model, drafter.num_layers)  # a fresh shell: same modules
+    layers = layer_skip.decoder_layers(view)
+    for i, layer in enumerate(list(layers)):
+        layers[i] = precision.quantize_int8(layer)
+        layers[i].register_forward_pre_hook(_float32_inputs, with_kwargs=True)
+    (norm_owner, norm_name), (head_owner, head_name) = layer_skip.exit_modules(view)
+    setattr(norm_owner, norm_name, copy.deepcopy(getattr(norm_owner, norm_name)).float())
+    setattr(head_owner, head_name, precision.quantize_int8(getattr(head_owner, head_name)))
+    out = layer_skip.LayerSkipDrafter(None, drafter.num_layers, view=view, generator=drafter.generator,
+                                      vocab_size=drafter.vocab_size)
+    out.quantized = True
+    return out
 
 
 def check_vocabulary(drafter, target, where: Optional[str] = None) -> None:
@@ -72,5 +208,5 @@ def check_vocabulary(drafter, target, where: Optional[str] = None) -> None:
         raise UserError(f"{where or type(drafter).__name__}: wrong vocab: the drafter has {theirs} tokens, the target {ours}")
 
 
-__all__ = ["load_drafter", "check_vocabulary", "save_folder", "load_folder", "read_config", "update_config",
+__all__ = ["load_drafter", "quantize_drafter", "DRAFTER_DTYPES", "check_vocabulary", "save_folder", "load_folder", "read_config", "update_config",
            "file_sha256"]

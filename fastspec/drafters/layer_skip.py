@@ -71,7 +71,7 @@ def truncated_view(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
     raise ValueError(f"LayerSkipDrafter does not know where the decoder layers of {type(model).__name__} are")
 
 
-def _exit_modules(view):
+def exit_modules(view):
     """(owner, attribute) of the final norm and of the LM head inside a truncated view."""
     if introspect.is_encoder_decoder(view):
         return (view.decoder, "final_layer_norm"), (view, "lm_head")
@@ -83,10 +83,22 @@ def _exit_modules(view):
     raise ValueError(f"cannot find the final norm of {type(view).__name__}")
 
 
+def decoder_layers(view) -> torch.nn.ModuleList:
+    """The ModuleList of the decoder layers a truncated view runs (T5 ``decoder.block``, Llama-like
+    ``model.layers``, GPT-2-like ``transformer.h``)."""
+    if introspect.is_encoder_decoder(view) and hasattr(view, "decoder") and hasattr(view.decoder, "block"):
+        return view.decoder.block
+    for outer, inner in (("model", "layers"), ("transformer", "h")):
+        layers = getattr(getattr(view, outer, None), inner, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ValueError(f"cannot find the decoder layers of {type(view).__name__}")
+
+
 def attach_exit_head(view, state=None) -> torch.nn.ModuleDict:
     """Give ``view`` its own trainable copies of the final norm + LM head (loaded from ``state``
     when given); the target's own modules are untouched."""
-    (norm_owner, norm_name), (head_owner, head_name) = _exit_modules(view)
+    (norm_owner, norm_name), (head_owner, head_name) = exit_modules(view)
     head = torch.nn.ModuleDict({
         "norm": copy.deepcopy(getattr(norm_owner, norm_name)),
         "head": copy.deepcopy(getattr(head_owner, head_name)),
@@ -150,4 +162,4 @@ class LayerSkipDrafter(HFDrafter):
         return cls(target, num_layers, view=view, exit_head=exit_head, **kwargs)
 
 
-__all__ = ["LayerSkipDrafter", "truncated_view", "attach_exit_head"]
+__all__ = ["LayerSkipDrafter", "truncated_view", "attach_exit_head", "exit_modules", "decoder_layers"]

@@ -56,9 +56,15 @@ class LSTMLM(TokenModel):
         ]
 
     def cell_step(self, token: torch.Tensor, h: List[torch.Tensor], c: List[torch.Tensor]):
-        """One token [B] through every layer (same op order as the native runtime); returns top h [B,H]."""
-        w_ih, w_hh, b_ih, b_hh = self.weights()
+        """One token [B] through every layer (same op order as the native runtime); returns top h [B,H].
+        An int8 LSTM (:func:`fastspec.drafters.io.quantize_drafter`) has packed weights: it runs the
+        quantized module itself for the step."""
         x = self.embed_tokens(token)
+        if not isinstance(self.lstm, nn.LSTM):  # torch.ao dynamic quantized LSTM
+            out, (h_new, c_new) = self.lstm(x[:, None], (torch.stack(h, 0), torch.stack(c, 0)))
+            h[:], c[:] = list(h_new.unbind(0)), list(c_new.unbind(0))
+            return out[:, 0]
+        w_ih, w_hh, b_ih, b_hh = self.weights()
         for layer in range(self.num_layers):
             gates = F.linear(x, w_ih[layer], b_ih[layer]) + F.linear(h[layer], w_hh[layer], b_hh[layer])  # [B,4H]
             i, f, g, o = gates.chunk(4, 1)
@@ -81,7 +87,7 @@ def lstm_draft_reference(model: LSTMLM, last: torch.Tensor, h: torch.Tensor, c: 
         c_all.append(torch.stack(cs, 0))
         if step == gamma:
             break
-        logits = F.linear(top, model.head.weight, model.head.bias)
+        logits = model.head(top)  # the module: an int8 head works too
         feed, scores, prev = choose_tokens(logits, sampling, prev, generator)
         tokens.append(feed)
         logits_all.append(scores)
