@@ -5,12 +5,18 @@ Data: aclsum (abstract -> summary). Steps, each with a progress bar:
 
 1. the target writes a small pseudo-dataset (its own greedy summaries of training abstracts);
 2. an n-gram drafter is fitted on it, and the prompt-lookup drafter is built;
-3. a small LSTM drafter is KD-trained briefly (or loaded from the cache, trained the same way);
+3. a small LSTM drafter is KD-trained briefly (or loaded from the cache, trained the same way),
+   and the EAGLE-style feature drafter is trained on the target's own features within a time budget
+   (shown alone and as the fallback of prompt lookup: the hybrid);
 4. held-out test prompts are decoded autoregressively and speculatively with each drafter and
    the ensemble, interleaved prompt by prompt (ratios measured in one run);
 5. a table: α, τ, tokens/s, speedup vs autoregressive, ideal speedup, and whether the outputs
    were identical to autoregressive decoding (greedy: they must be; the exit status is 1 if not);
 6. ``report.md``, ``results.json`` and PNG plots (per-position acceptance, speedup vs γ) in ``--out``.
+
+The target runs in ``--dtype`` (default ``auto``: bf16 on a CPU with bf16 matrix units, else fp32);
+in bf16 a greedy output may part from autoregressive decoding at a near-tie of the target, which the
+table's agreement columns show and which is not a failure (any other divergence is).
 
 FLAN-T5 users: ``fastspec demo --target google/flan-t5-xl --dataset cnn_dailymail:/path/to/copy``.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -27,11 +34,12 @@ from typing import Any, Dict, List
 
 import torch
 
-from fastspec import introspect, report, targets
+from fastspec import introspect, precision, report, targets
 from fastspec.data import load_examples
+from fastspec.distill.feature import FeatureTrainConfig, train_feature_drafter
 from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset, load_pseudo_dataset
 from fastspec.distill.trainer import TrainConfig, fit_ngram_drafter, stamp_training, train_drafter, training_metadata
-from fastspec.drafters import EnsembleDrafter, LSTMDrafter, PromptLookupDrafter
+from fastspec.drafters import CommitInfo, EnsembleDrafter, LSTMDrafter, PromptLookupDrafter
 from fastspec.errors import UserError
 from fastspec.eval import AR_NAME, Decoder, compare, decode_texts, hf_generate_decoder, load_workload
 from fastspec.targets import SMOLLM2
@@ -44,18 +52,24 @@ class DemoSize:
     num_test: int  # held-out prompts decoded by every drafter
     max_new_tokens: int
     lstm_steps: int
+    feature_budget_s: float  # wall-clock training budget of the feature drafter
     sweep_prompts: int  # prompts for the speedup-vs-γ sweep
     sweep_gammas: tuple
 
 
 FULL = DemoSize(num_train=32, pseudo_max_new_tokens=64, num_test=5, max_new_tokens=64, lstm_steps=80,
-                sweep_prompts=2, sweep_gammas=(1, 2, 3, 5, 8))
+                feature_budget_s=180.0, sweep_prompts=2, sweep_gammas=(1, 2, 3, 5, 8))
 QUICK = DemoSize(num_train=8, pseudo_max_new_tokens=32, num_test=2, max_new_tokens=32, lstm_steps=20,
-                 sweep_prompts=1, sweep_gammas=(1, 3, 6))
+                 feature_budget_s=45.0, sweep_prompts=1, sweep_gammas=(1, 3, 6))
 
 HF_NAME = "HF generate"
 PSEUDO_BATCH = 8
 TOPK_LOGITS = 32  # teacher logits kept per token for KD (the rest of the mass is spread uniformly)
+FEATURE_NAME, HYBRID_NAME = "feature (EAGLE)", "prompt lookup + feature"
+# agreement with autoregressive decoding (the eval's rows carry them; shown when present)
+AGREEMENT_COLUMNS = [report.Column("token_agreement", "token agreement", report.fmt_float(3)),
+                     report.Column("first_divergence", "first divergence", lambda v: "–" if v is None else str(v)),
+                     report.Column("divergence_near_tie", "at a near-tie", report.fmt_bool)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -72,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--num_test", type=int, default=None, help="held-out prompts (default by mode)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="tokens per test output (default by mode)")
     parser.add_argument("--lstm_steps", type=int, default=None, help="KD training steps of the LSTM drafter")
+    parser.add_argument("--feature_budget_s", type=float, default=None,
+                        help="training seconds of the feature drafter (default by mode; 0 = no feature drafter)")
+    parser.add_argument("--dtype", default="auto", help="target dtype: auto (bf16 where the CPU has bf16 units, "
+                        "else fp32), float32, bfloat16, float16")
     parser.add_argument("--max_source_length", type=int, default=384, help="truncate prompts to this many tokens")
     parser.add_argument("--ngram_n", type=int, default=4, help="n of the n-gram drafter")
     parser.add_argument("--no_cache", action="store_true", help="retrain the LSTM even if a cached one exists")
@@ -150,6 +168,40 @@ def train_or_load_lstm(target, records: List[dict], pseudo_dir: str, size: DemoS
     return drafter, folder, False
 
 
+def engine_feeds_features() -> bool:
+    """True once the engine implements the feature protocol (CommitInfo.hidden_states)."""
+    return "hidden_states" in getattr(CommitInfo, "__dataclass_fields__", {})
+
+
+def train_feature(target, records: List[dict], size: DemoSize, seed: int, dtype, progress: bool):
+    """Step 3b: the EAGLE-style feature drafter on the pseudo-dataset (the target's own outputs),
+    trained for ``size.feature_budget_s`` seconds, then run in the target's dtype."""
+    pairs = [(r["source_ids"], r["output_ids"]) for r in records if r.get("output_ids")]
+    config = FeatureTrainConfig(max_steps=None, time_budget_s=size.feature_budget_s, batch_size=8, seed=seed,
+                                progress=progress)
+    drafter = train_feature_drafter(target, pairs, config)
+    if dtype is not None:
+        drafter.model.to(dtype)
+    return drafter
+
+
+def _load_workload(args, data_spec: str, size: DemoSize, dtype):
+    """The target in ``dtype`` and the test prompts (older eval.load_workload: cast after loading)."""
+    if "dtype" in inspect.signature(load_workload).parameters:
+        return load_workload(args.target, args.device, data_spec, "test", size.num_test, args.max_source_length,
+                             dtype=dtype)
+    work = load_workload(args.target, args.device, data_spec, "test", size.num_test, args.max_source_length)
+    if dtype is not None:
+        work.target.to(dtype)
+    return work
+
+
+def table_columns(rows: List[dict]) -> list:
+    """The speculative columns, plus the agreement columns when the rows carry them."""
+    extra = [c for c in AGREEMENT_COLUMNS if any(r.get(c.key) is not None for r in rows)]
+    return list(report.SPEC_COLUMNS) + extra
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -163,6 +215,7 @@ def main(args) -> int:
         num_test=args.num_test or base.num_test,
         max_new_tokens=args.max_new_tokens or base.max_new_tokens,
         lstm_steps=base.lstm_steps if args.lstm_steps is None else args.lstm_steps,
+        feature_budget_s=base.feature_budget_s if args.feature_budget_s is None else args.feature_budget_s,
         sweep_prompts=base.sweep_prompts,
         sweep_gammas=base.sweep_gammas,
     )
@@ -176,10 +229,12 @@ def main(args) -> int:
 
     t = _step(f"loading the target ({args.target})")
     data_spec = _dataset_spec(args.dataset)
-    work = load_workload(args.target, args.device, data_spec, "test", size.num_test, args.max_source_length)
+    dtype = precision.resolve_dtype(args.dtype, args.device, announce=True)
+    work = _load_workload(args, data_spec, size, dtype)
     target, tokenizer, test_examples, test_prompts = work.target, work.tokenizer, work.examples, work.prompts
     vocab_size = introspect.vocab_size(target)
-    _done(t, f"{sum(p.numel() for p in target.parameters()) / 1e6:.0f}M parameters, vocab {vocab_size} ")
+    dtype_name = str(next(target.parameters()).dtype).replace("torch.", "")
+    _done(t, f"{sum(p.numel() for p in target.parameters()) / 1e6:.0f}M parameters, vocab {vocab_size}, {dtype_name} ")
 
     train_examples = load_examples(data_spec, split="train", limit=size.num_train)
     train_prompts = work.encode([e.source for e in train_examples])
@@ -202,6 +257,20 @@ def main(args) -> int:
 
     drafters["ensemble"] = EnsembleDrafter(list(drafters.values()), names=list(drafters))
 
+    feature_note = "off (--feature_budget_s 0)"
+    if size.feature_budget_s > 0 and not engine_feeds_features():
+        feature_note = "feature drafter: needs engine support (the engine does not pass hidden states yet)"
+        print(f"   {feature_note}", flush=True)
+    elif size.feature_budget_s > 0:
+        t = _step(f"3b/6 feature drafter (EAGLE-style), trained on the target's features for {size.feature_budget_s:.0f}s")
+        feature = train_feature(target, records, size, args.seed, dtype, progress)
+        drafters[FEATURE_NAME] = feature
+        drafters[HYBRID_NAME] = PromptLookupDrafter(fallback=feature)
+        stats = feature.train_stats
+        feature_note = (f"{stats['steps']} steps in {stats['seconds']:.0f}s on {stats['data'].get('tokens', 0)} tokens, "
+                        f"shortlist {stats['shortlist_size']}, final loss {stats['final_loss']:.3f}")
+        _done(t, feature_note + " ")
+
     t = _step(f"4/6 decoding {len(test_prompts)} held-out prompts: autoregressive, HF, each drafter, ensemble")
     decoders = [hf_generate_decoder(target, HF_NAME)] if not args.no_hf else []
     decoders += [Decoder(name, d, args.gamma) for name, d in drafters.items()]
@@ -220,7 +289,7 @@ def main(args) -> int:
     _done(t)
 
     t = _step("5/6 results")
-    print(report.text_table(rows, report.SPEC_COLUMNS), flush=True)
+    print(report.text_table(rows, table_columns(rows)), flush=True)
     bad = main_run.mismatches() + sweep.mismatches()
 
     _step("6/6 report and plots")
@@ -229,6 +298,7 @@ def main(args) -> int:
         "pseudo-dataset": f"{len(records)} target outputs (greedy, ≤ {size.pseudo_max_new_tokens} tokens)",
         "test prompts": len(test_prompts), "max_new_tokens": size.max_new_tokens, "gamma": args.gamma,
         "n-gram n": args.ngram_n, "LSTM": f"{size.lstm_steps} KD steps (fkl){' — loaded from cache' if from_cache else ''}",
+        "feature drafter": feature_note, "dtype": dtype_name,
         "device": args.device, "torch threads": torch.get_num_threads(),
     }
     files = write_demo_report(args.out, rows, sweep_rows, best["name"], settings, test_examples, main_run.runs, tokenizer)
@@ -237,7 +307,10 @@ def main(args) -> int:
     if bad:
         print(f"ERROR: greedy outputs differ from autoregressive decoding for: {', '.join(bad)}")
         return 1
-    print("all greedy outputs are identical to autoregressive decoding (lossless)")
+    if any(r.get("identical") is False for r in rows + sweep_rows):
+        print(f"greedy outputs part from autoregressive decoding only at near-ties of the {dtype_name} target (lossless)")
+    else:
+        print("all greedy outputs are identical to autoregressive decoding (lossless)")
     return 0
 
 
@@ -264,7 +337,7 @@ def write_demo_report(out_dir, rows, sweep_rows, best_name, settings, test_examp
                         f"**Target's summary** (identical for every drafter): {ar_text}")
     sections = [
         ("Settings", report.summarize_settings(settings)),
-        ("Results", report.markdown_table(rows, report.SPEC_COLUMNS)
+        ("Results", report.markdown_table(rows, table_columns(rows))
          + "\n\nα = accepted / drafted tokens, τ = tokens per target call, speedup = tokens/s over autoregressive "
            "decoding in the same engine (same run, interleaved per prompt), ideal = Leviathan et al. from α, γ and "
            "the measured drafter cost c."),
