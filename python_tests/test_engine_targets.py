@@ -129,8 +129,10 @@ def test_metrics_are_one_raw_sum_object(tiny_t5, t5_inputs):
     m = out.metrics
     assert isinstance(m, GenerationMetrics)
     assert m.verify_calls == m.num_steps and m.target_calls == m.verify_calls + 1  # + the encoder
-    assert m.draft_calls == m.num_steps and m.draft_time_s > 0 and 0 < m.verify_time_s <= m.target_time_s
-    assert m.num_generated_tokens == 3 * 6 and m.num_draft_tokens == 3 * 3 * m.num_steps
+    # every step drafts but the last: one token left to emit, nothing to draft
+    assert m.draft_calls == m.num_steps - 1 and m.draft_time_s > 0 and 0 < m.verify_time_s <= m.target_time_s
+    # γ = 3 capped at the tokens a row may still emit − 1 (6, 5, 4, 3, 2, 1 left)
+    assert m.num_generated_tokens == 3 * 6 and m.num_draft_tokens == 3 * (3 + 3 + 3 + 2 + 1)
     both = m + m
     assert both.acceptance_rate == pytest.approx(m.acceptance_rate) and both.num_steps == 2 * m.num_steps
     assert both.as_dict()["mean_accepted_length"] == pytest.approx(m["mean_accepted_length"])

@@ -49,6 +49,9 @@ class DraftRequest:
         when not given).
     decoder_prompt_ids / decoder_prompt_mask: [B,P] seq2seq only: the decoder's prompt (the start
         token, or the caller's ``decoder_input_ids``), any padding side; None otherwise.
+    encoder_hidden_states: [B,S,H] seq2seq targets, only for a drafter that sets
+        ``hidden_state_layers``: the target encoder's last hidden state (computed once), with
+        ``source_mask`` [B,S] as its mask; None otherwise (causal targets, or no features wanted).
     """
 
     source_ids: Optional[torch.Tensor]
@@ -64,6 +67,7 @@ class DraftRequest:
     device: Optional[torch.device] = None
     decoder_prompt_ids: Optional[torch.Tensor] = None
     decoder_prompt_mask: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.batch_size is None:
@@ -110,19 +114,43 @@ class CommitInfo:
     output_tokens: [B,γ+1] int64: accepted drafts then the recovered/bonus token, -1 padded.
     num_accepted: [B] int64 accepted draft tokens per row (inactive rows: 0 and ignored).
     active: [B] bool rows that took part in this step.
+    hidden_states / num_hidden: only for a drafter that sets ``hidden_state_layers`` (else None).
+        hidden_states [B,K,H'] (target dtype) and num_hidden [B] int64: for row b, the features of
+        the next ``num_hidden[b]`` positions of that row's decoder sequence, in order, left-aligned,
+        zero padded. The decoder sequence of a row: causal = its real prompt tokens then its
+        generated tokens; seq2seq = the decoder start token (or decoder prompt) then generated
+        tokens. The feature at position i is the target's hidden state whose logits predict token
+        i+1 (the selected layers of HF's ``hidden_states`` concatenated on the last dim:
+        H' = len(layers)·H). Every position's feature is handed exactly once, in order, starting
+        at position 0; the newest committed token (the recovered/bonus one) gets its feature in
+        the next step's commit. So after a commit the drafter has features for all of the row's
+        sequence except its last token. Inactive rows: num_hidden 0.
     """
 
     output_tokens: torch.Tensor
     num_accepted: torch.Tensor
     active: torch.Tensor
+    hidden_states: Optional[torch.Tensor] = None
+    num_hidden: Optional[torch.Tensor] = None
 
 
 class Drafter:
     """Base class. Subclasses set ``deterministic`` (True: draft returns probs=None and
-    the verifier treats q as one-hot) and implement ``draft``."""
+    the verifier treats q as one-hot) and implement ``draft``.
+
+    hidden_state_layers: None (the default: no features wanted, so the drafter pays nothing), or
+        indices into HF's ``outputs.hidden_states`` tuple (0 = embeddings, −1 = last, after the
+        final norm for Llama and T5), e.g. ``(-1,)`` or ``(2, 15, 27)``. Then the engine runs the
+        target's prefill and verify forwards with ``output_hidden_states=True``, concatenates the
+        selected layers on the last dim (H' = len(layers)·H) and hands them in
+        ``CommitInfo.hidden_states``/``num_hidden`` (seq2seq: also
+        ``DraftRequest.encoder_hidden_states``). A row with no features yet (the first step of a
+        request) should draft nothing: tokens [B,0], and the engine runs a plain target step.
+    """
 
     deterministic: bool = True
     vocab_size: Optional[int] = None  # None = adapts to the target's vocabulary
+    hidden_state_layers: Optional[tuple] = None  # target layers to receive as features (see above)
 
     def begin(self, request: DraftRequest) -> None:
         self.request = request

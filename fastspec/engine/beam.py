@@ -28,7 +28,7 @@ def _gather_beams(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _beam_scores(session, processors, settings, seq, seq_len, step) -> torch.Tensor:
     """Processed log-probs [B·nb,V] of every beam's next token (HF: log_softmax, then processors)."""
     logits = session.forward(seq, seq_len, 1)  # [B·nb,1,V]
-    scores = torch.log_softmax(logits, dim=-1)
+    scores = torch.log_softmax(logits.float(), dim=-1)  # like HF: float32 scores (the logits keep the model dtype)
     if settings.sampling.repetition_penalty != 1.0:
         scores = ops.process_logits(scores, prev_tokens=context_tokens(seq, seq_len), do_sample=False,
                                     repetition_penalty=settings.sampling.repetition_penalty)

@@ -7,11 +7,18 @@ never computed: the first decoder block of a seq2seq row). The next block of row
 ``[pending_b, last_b, drafts_b]`` right-padded to a common width: padding at the END of a block
 is harmless under causal self-attention, and each row's logits are read at its own positions.
 Beam search uses the same session: its beams are rows, reordered with :meth:`select`.
+
+Features (only for a drafter with ``hidden_state_layers``; see ``fastspec.drafters.base``): the
+prefill and the verify forwards then return the selected hidden states, and :meth:`take_features`
+hands each row's positions ``[handed, seq_len − 1)`` once, in order. The causal prefill's real
+positions are kept right-aligned ("carry") just before the first block, so one index maps a
+row's sequence position to the stream ``cat([carry, block])``.
 """
 from __future__ import annotations
 
 import inspect
 import time
+from typing import Optional, Tuple
 
 import torch
 
@@ -19,6 +26,19 @@ from fastspec import introspect
 from fastspec.cache import cache_length, crop_cache, new_cache, select_cache_rows
 from fastspec.engine.inputs import Request
 from fastspec.errors import UserError
+
+
+def hand_features(features: torch.Tensor, origin: torch.Tensor, handed: torch.Tensor,
+                  seq_len: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows' features of positions [handed, seq_len − 1): (hidden [b,K,H'] left-aligned, zero padded;
+    num [b]). features: [b,W,H'] a stream whose index j holds position origin[b] + j."""
+    num = seq_len - 1 - handed  # [b]
+    width = int(num.max()) if num.numel() else 0
+    columns = torch.arange(width, device=features.device)
+    valid = columns < num[:, None]
+    index = torch.where(valid, handed[:, None] - origin[:, None] + columns, 0)
+    hidden = features.gather(1, index[:, :, None].expand(-1, -1, features.shape[-1]))
+    return torch.where(valid[:, :, None], hidden, torch.zeros((), dtype=hidden.dtype, device=features.device)), num
 
 
 class Stopwatch:
@@ -41,8 +61,13 @@ class TargetSession:
     rows: [b] original row index of each compact row; cached: [b] real tokens in the cache.
     """
 
-    def __init__(self, model, request: Request, stopwatch: Stopwatch):
+    def __init__(self, model, request: Request, stopwatch: Stopwatch, feature_layers: Optional[tuple] = None):
         self.model = model
+        self.feature_layers = tuple(int(i) for i in feature_layers) if feature_layers else None
+        self.features: Optional[torch.Tensor] = None  # [b,W',H'] the last block's stream (+ the carry)
+        self.feature_origin: Optional[torch.Tensor] = None  # [b] sequence position of stream index 0
+        self.carry: Optional[torch.Tensor] = None  # [b,P,H'] prefill features, right-aligned
+        self.handed = torch.zeros(request.batch, dtype=torch.long, device=introspect.model_device(model))
         self.is_seq2seq = introspect.is_encoder_decoder(model)
         self.device = introspect.model_device(model)
         self.stopwatch = stopwatch
@@ -90,16 +115,42 @@ class TargetSession:
             kwargs = {"logits_to_keep": 1} if self.keep_logits else {}
             if self.takes_positions:
                 kwargs["position_ids"] = (self.prefix_mask.cumsum(-1) - 1).clamp(min=0)
-            self._timed(self.model, input_ids=ids[:, :prefill], attention_mask=self.prefix_mask, use_cache=True,
-                        **{self.cache_kw: self.cache}, **kwargs)
+            if self.feature_layers:
+                kwargs["output_hidden_states"] = True
+            out = self._timed(self.model, input_ids=ids[:, :prefill], attention_mask=self.prefix_mask, use_cache=True,
+                              **{self.cache_kw: self.cache}, **kwargs)
+            if self.feature_layers:  # real columns right-aligned: pads first, then the row's tokens in order
+                order = torch.argsort(self.prefix_mask.to(torch.int8), dim=1, stable=True)
+                hidden = self._select_layers(out)
+                self.carry = hidden.gather(1, order[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+    def _select_layers(self, out) -> torch.Tensor:
+        """The selected hidden states of a forward's output, concatenated: [b,W,H']."""
+        states = out.decoder_hidden_states if self.is_seq2seq else out.hidden_states
+        return torch.cat([states[i] for i in self.feature_layers], dim=-1).to(self.device)
+
+    @property
+    def encoder_hidden_states(self) -> Optional[torch.Tensor]:
+        """[B,S,H] the encoder's last hidden state (seq2seq with features wanted), else None."""
+        if not (self.is_seq2seq and self.feature_layers):
+            return None
+        return self.encoder_outputs.last_hidden_state
+
+    def take_features(self, seq_len: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """After a block's commit: (hidden [b,K,H'], num [b]) = each compact row's features of
+        positions [handed, seq_len − 1), which the last block computed (see :func:`hand_features`)."""
+        out = hand_features(self.features, self.feature_origin, self.handed, seq_len)
+        self.handed = seq_len - 1
+        return out
 
     @property
     def length(self) -> int:
         return cache_length(self.cache)
 
     def forward(self, seq: torch.Tensor, seq_len: torch.Tensor, num_positions: int) -> torch.Tensor:
-        """Logits [b,num_positions,V] float32 on the session's device, read after each compact row's
-        last committed token and its drafts.
+        """Logits [b,num_positions,V] in the model's dtype (no float32 copy: the verify ops upcast
+        inside) on the session's device, read after each compact row's last committed token and
+        its drafts. With features wanted, also keeps the block's hidden states for :meth:`take_features`.
 
         seq: [b,T] each row's real tokens left-aligned, then its num_positions-1 drafts.
         seq_len: [b] committed tokens per row (drafts start at seq_len).
@@ -120,15 +171,30 @@ class TargetSession:
                 kwargs["position_ids"] = self.cached[:, None] + torch.arange(width, device=self.device)  # [b,W]
             if self.keep_logits:
                 kwargs["logits_to_keep"] = width - int(first_index.min())
+        if self.feature_layers:
+            kwargs["output_hidden_states"] = True
         self.block_start = self.length
-        logits = self._timed(self.model, verify=True, use_cache=True, **{self.cache_kw: self.cache}, **kwargs).logits
-        logits = logits.to(self.device)  # device_map: the head may sit on another device
+        out = self._timed(self.model, verify=True, use_cache=True, **{self.cache_kw: self.cache}, **kwargs)
+        if self.feature_layers:
+            self._keep_features(self._select_layers(out))
+        logits = out.logits.to(self.device)  # device_map: the head may sit on another device
         index = first_index - (width - logits.shape[1])  # logits_to_keep trimmed the front
         if bool((index == index[0]).all()):
             start = int(index[0])
-            return logits[:, start : start + num_positions].float()
+            return logits[:, start : start + num_positions]
         gather = (index[:, None] + torch.arange(num_positions, device=self.device))[:, :, None]
-        return logits.gather(1, gather.expand(-1, -1, logits.shape[-1])).float()
+        return logits.gather(1, gather.expand(-1, -1, logits.shape[-1]))
+
+    def _keep_features(self, block: torch.Tensor) -> None:
+        """block [b,W,H']: hidden states of positions cached[b] + [0, W); the prefill's carry (first
+        block only) goes in front."""
+        if self.carry is not None:
+            block = torch.cat([self.carry.to(block.dtype), block], dim=1)
+            self.feature_origin = self.cached - self.carry.shape[1]
+            self.carry = None
+        else:
+            self.feature_origin = self.cached.clone()
+        self.features = block
 
     def advance(self, seq_len: torch.Tensor) -> None:
         """After a block, keep for every row the KV of all its committed tokens but the newest,
@@ -150,6 +216,9 @@ class TargetSession:
         select_cache_rows(self.cache, index)
         self.rows = self.rows[index]
         self.cached = self.cached[index]
+        self.handed = self.handed[index]
+        if self.carry is not None:
+            self.carry = self.carry[index]
         if self.is_seq2seq:
             self.encoder_outputs.last_hidden_state = self.encoder_outputs.last_hidden_state[index]
             if self.encoder_mask is not None:

@@ -1,8 +1,8 @@
 """The speculative loop: one verification forward of the target per step, lossless.
 
 Per step, for the rows still running (gpt-fast's ``speculative_decode``, batched and ragged):
-draft γ tokens → one target forward over [pending, last, drafts] → per-position logits
-processors → fused verify (accepted drafts + one recovered/bonus token) → emit (cut at EOS and
+draft γ tokens (at most what a running row may still emit − 1) → one target forward over
+[pending, last, drafts] → per-position logits processors → fused verify (accepted drafts + one recovered/bonus token) → emit (cut at EOS and
 max_new_tokens) → crop the cache and drop finished rows → adapt γ.
 ``drafter=None`` is plain autoregressive decoding through the same loop (γ = 0).
 """
@@ -114,16 +114,25 @@ def emit(rows: Rows, active_rows: torch.Tensor, output_tokens: torch.Tensor, num
 
 
 def commit_drafter(clock: DraftClock, rows: Rows, active_rows: torch.Tensor, committed: torch.Tensor,
-                   num_accepted: torch.Tensor) -> None:
-    """Tell the drafter what was kept (full-batch tensors, inactive rows -1 / 0)."""
+                   accepted: torch.Tensor, session) -> None:
+    """Tell the drafter what was kept (full-batch tensors, inactive rows -1 / 0); ``accepted`` [b]
+    counts the emitted drafts only. A drafter with ``hidden_state_layers`` also gets each row's
+    features of positions [handed, seq_len − 1) (see ``CommitInfo``)."""
     batch, device = rows.seq.shape[0], rows.seq.device
     full_out = torch.full((batch, committed.shape[1]), -1, dtype=torch.long, device=device)
     full_out[active_rows] = committed
     full_acc = torch.zeros(batch, dtype=torch.long, device=device)
-    full_acc[active_rows] = torch.minimum(num_accepted, (committed >= 0).sum(-1) - 1)
+    full_acc[active_rows] = accepted
     active = torch.zeros(batch, dtype=torch.bool, device=device)
     active[active_rows] = True
-    clock("commit", CommitInfo(output_tokens=full_out, num_accepted=full_acc, active=active))
+    info = CommitInfo(output_tokens=full_out, num_accepted=full_acc, active=active)
+    if getattr(clock.drafter, "hidden_state_layers", None):
+        hidden, num = session.take_features(rows.seq_len[active_rows])
+        info.hidden_states = hidden.new_zeros((batch,) + tuple(hidden.shape[1:]))
+        info.hidden_states[active_rows.to(hidden.device)] = hidden
+        info.num_hidden = torch.zeros(batch, dtype=torch.long, device=device)
+        info.num_hidden[active_rows] = num.to(device)
+    clock("commit", info)
 
 
 def crop(session: TargetSession, rows: Rows, done: torch.Tensor) -> None:
@@ -135,7 +144,8 @@ def crop(session: TargetSession, rows: Rows, done: torch.Tensor) -> None:
 
 
 def adapt_gamma(gamma: int, drafted: int, num_accepted: torch.Tensor, settings: Settings) -> int:
-    """Dynamic γ: +1 after full acceptance by every row, −1 after an early rejection by every row."""
+    """Dynamic γ: +1 after full acceptance by every row, −1 after an early rejection by every row.
+    ``num_accepted`` [b] counts emitted drafts only (as α does), so offline replay adapts alike."""
     if not settings.dynamic_gamma or drafted == 0 or drafted != gamma:
         return gamma
     if bool((num_accepted == gamma).all()):
@@ -145,7 +155,7 @@ def adapt_gamma(gamma: int, drafted: int, num_accepted: torch.Tensor, settings: 
     return gamma
 
 
-def draft_request(request, model, settings: Settings, generator, start_id: int) -> DraftRequest:
+def draft_request(request, model, settings: Settings, generator, start_id: int, session) -> DraftRequest:
     """What the drafter learns once; ``start_id`` is the seq2seq rows' first decoder token."""
     seq2seq = introspect.is_encoder_decoder(model)
     return DraftRequest(
@@ -162,32 +172,40 @@ def draft_request(request, model, settings: Settings, generator, start_id: int) 
         device=request.prompt.device,
         decoder_prompt_ids=request.prompt if seq2seq else None,
         decoder_prompt_mask=request.prompt_mask if seq2seq else None,
+        encoder_hidden_states=session.encoder_hidden_states,
     )
 
 
 def speculative_decode(model, drafter, request, settings: Settings, metrics: GenerationMetrics,
-                       stopwatch: Stopwatch, generator) -> torch.Tensor:
-    """Decode every row of ``request``; returns the new tokens [B,N] -1 padded (metrics filled in)."""
+                       stopwatch: Stopwatch, generator, session=None) -> torch.Tensor:
+    """Decode every row of ``request``; returns the new tokens [B,N] -1 padded (metrics filled in).
+
+    ``session``: the target side (default: a :class:`TargetSession` of ``model``); offline replay
+    passes a session with the same interface that reads a known output instead.
+    """
     vocab = introspect.vocab_size(model)
     rows = Rows.start(request.prompt, request.prompt_mask, settings.max_new_tokens + settings.max_gamma + 1)
     eos = torch.tensor(settings.eos, dtype=torch.long, device=rows.seq.device) if settings.eos else None
     processors = LogitsProcessors(settings, vocab, rows.seq.device)
     clock = DraftClock(drafter, stopwatch, metrics)
+    if session is None:
+        session = TargetSession(model, request, stopwatch, getattr(drafter, "hidden_state_layers", None))
     if drafter is not None:
-        clock("begin", draft_request(request, model, settings, generator, int(rows.seq[0, 0])))
-    session = TargetSession(model, request, stopwatch)
+        clock("begin", draft_request(request, model, settings, generator, int(rows.seq[0, 0]), session))
     gamma = settings.gamma
     try:
         while session.rows.numel() > 0:
             active = session.rows  # [b] original indices of running rows
-            if drafter is not None:
-                drafts, draft_probs = draft_step(clock, rows, active, gamma, vocab, settings.sampling.do_sample)
+            # never draft past what a running row may still emit (the last emitted token is the target's)
+            step_gamma = min(gamma, int((settings.max_new_tokens - rows.num_generated[active]).max()) - 1)
+            if drafter is not None and step_gamma > 0:
+                drafts, draft_probs = draft_step(clock, rows, active, step_gamma, vocab, settings.sampling.do_sample)
             else:
                 drafts, draft_probs = rows.seq.new_empty(active.numel(), 0), None
             place_drafts(rows, active, drafts)
             # block: one target forward over [pending, last, drafts]; logits at [last, drafts]
             row_seq, row_len = rows.seq[active], rows.seq_len[active]
-            logits = session.forward(row_seq, row_len, drafts.shape[1] + 1)  # [b,k+1,V]
+            logits = session.forward(row_seq, row_len, drafts.shape[1] + 1)  # [b,k+1,V] model dtype
             logits = processors(logits, row_seq, row_len, rows.num_generated[active])
             # verify: accepted drafts + one recovered/bonus token per row
             sampling = settings.sampling
@@ -198,13 +216,14 @@ def speculative_decode(model, drafter, request, settings: Settings, metrics: Gen
                 repetition_penalty=sampling.repetition_penalty, generator=generator,
             )
             num_accepted, output_tokens = num_accepted.to(rows.seq.device), output_tokens.to(rows.seq.device)
-            # α describes the drafter, so it is counted before EOS / max_new_tokens truncation
-            metrics.record_step(num_accepted.tolist(), drafts.shape[1])
             committed, done = emit(rows, active, output_tokens, num_accepted, settings, eos)
+            # α counts the drafts that were emitted (an accepted draft cut by EOS/max_new_tokens is not)
+            accepted = torch.minimum(num_accepted, (committed >= 0).sum(-1) - 1)
+            metrics.record_step(accepted.tolist(), drafts.shape[1])
             if drafter is not None:
-                commit_drafter(clock, rows, active, committed, num_accepted)
+                commit_drafter(clock, rows, active, committed, accepted, session)
             crop(session, rows, done)
-            gamma = adapt_gamma(gamma, drafts.shape[1], num_accepted, settings)
+            gamma = adapt_gamma(gamma, drafts.shape[1], accepted, settings)
     finally:
         if drafter is not None:
             clock("end")
