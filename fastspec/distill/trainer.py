@@ -631,7 +631,7 @@ def train_from_cli(args, drafter_options: dict) -> int:
     config.validate()
     info = init_distributed(args.device)
     try:
-        target, tokenizer = load_target_and_tokenizer(args.target, str(info.device))
+        target, tokenizer = load_target_and_tokenizer(args.target, str(info.device), dtype=getattr(args, "dtype", None))
         if args.drafter == "feature":
             return train_feature_from_cli(args, target, tokenizer)
         if args.pseudo_dataset_path:
