@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -185,17 +184,6 @@ def train_feature(target, records: List[dict], size: DemoSize, seed: int, dtype,
     return drafter
 
 
-def _load_workload(args, data_spec: str, size: DemoSize, dtype):
-    """The target in ``dtype`` and the test prompts (older eval.load_workload: cast after loading)."""
-    if "dtype" in inspect.signature(load_workload).parameters:
-        return load_workload(args.target, args.device, data_spec, "test", size.num_test, args.max_source_length,
-                             dtype=dtype)
-    work = load_workload(args.target, args.device, data_spec, "test", size.num_test, args.max_source_length)
-    if dtype is not None:
-        work.target.to(dtype)
-    return work
-
-
 def table_columns(rows: List[dict]) -> list:
     """The speculative columns, plus the agreement columns when the rows carry them."""
     extra = [c for c in AGREEMENT_COLUMNS if any(r.get(c.key) is not None for r in rows)]
@@ -230,7 +218,8 @@ def main(args) -> int:
     t = _step(f"loading the target ({args.target})")
     data_spec = _dataset_spec(args.dataset)
     dtype = precision.resolve_dtype(args.dtype, args.device, announce=True)
-    work = _load_workload(args, data_spec, size, dtype)
+    work = load_workload(args.target, args.device, data_spec, "test", size.num_test, args.max_source_length,
+                         dtype=dtype)
     target, tokenizer, test_examples, test_prompts = work.target, work.tokenizer, work.examples, work.prompts
     vocab_size = introspect.vocab_size(target)
     dtype_name = str(next(target.parameters()).dtype).replace("torch.", "")
