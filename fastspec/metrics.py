@@ -6,6 +6,11 @@ and the engine, eval and the demo all report the same α, τ and c.
 
 Definitions (a *row-step* is one row of the batch in one verification step with γ > 0):
 
+* accepted counts only drafts that were EMITTED: min(num_accepted, emitted − 1) per row-step, so a
+  draft accepted past EOS or max_new_tokens does not count. The engine drafts at most (the most
+  tokens any running row may still emit) − 1 per step, and γ below is that step's drafted γ. So
+  the figures follow from the target's greedy output alone (offline replay,
+  :mod:`fastspec.distill.replay`, reproduces them exactly);
 * α = E[β] = Σ (accepted/γ) / row-steps (the seed's acceptance rate);
 * τ = 1 + Σ accepted / row-steps: tokens emitted per target forward and row;
 * c = (draft time per drafted token) / (time per verification forward of the target);
@@ -150,7 +155,7 @@ class GenerationMetrics:
 
     def record_step(self, num_accepted: List[int], gamma: int) -> None:
         """Count one verification step in which the running rows drafted ``gamma`` tokens and
-        accepted ``num_accepted`` (one int per row) of them."""
+        accepted ``num_accepted`` (one int per row, emitted drafts only) of them."""
         self.num_steps += 1
         if gamma <= 0:
             return
