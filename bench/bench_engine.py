@@ -5,6 +5,8 @@
    speedup over autoregressive (same engine) vs the ideal (γ+1)/(γc+1) (goal ≥ 0.85).
 2. fastspec autoregressive (drafter=None) vs HF generate(), greedy, 64 new tokens (goal ≥ 1.0).
 
+3. Offline α replay vs the engine on SmolLM2 fp32 (prompt lookup, aclsum, 64 new tokens): goal ≥ 20×.
+
 Run:  OMP_NUM_THREADS=1 python -m pytest bench/bench_engine.py -q -s --benchmark-disable-gc
 On a GPU set FASTSPEC_SYNC_TIMING=1, so per-forward times wait for the device.
 Env:  FASTSPEC_BENCH_LAYERS (default 4; 12 is FLAN-T5-base), FASTSPEC_BENCH_REPEATS (default 3), FASTSPEC_BENCH_GAMMA (5).
@@ -155,3 +157,47 @@ def test_ragged_batch_speculative_vs_ar(benchmark, t5_base_shaped):
     figures = benchmark.pedantic(lambda: _ragged_batch(*t5_base_shaped), rounds=1, iterations=1)
     benchmark.extra_info.update(figures)
     print("\nragged batch:", {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
+
+
+def _replay_vs_engine(num_prompts: int = 4, new_tokens: int = 64):
+    """SmolLM2-135M fp32, aclsum abstracts (chat prompts), prompt lookup γ=GAMMA, batch 1: the engine's
+    time vs offline replay's (fastspec.distill.replay.replay_runs) over the engine's own outputs; the
+    replayed metrics must equal the engine's."""
+    from fastspec.data import load_examples
+    from fastspec.data.prompts import encode_prompts
+    from fastspec.distill.replay import replay_runs
+    from fastspec.drafters import PromptLookupDrafter
+    from fastspec.metrics import GenerationMetrics
+    from fastspec.targets import load_smollm2
+
+    model, tokenizer = load_smollm2(dtype=torch.float32)
+    sources = [e.source for e in load_examples("aclsum", "test", limit=num_prompts)]
+    prompts = encode_prompts(tokenizer, model, sources)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False)
+    engine, outputs, engine_s = GenerationMetrics(), [], 0.0
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        elapsed, out = _timed(lambda: fastspec.generate(model, PromptLookupDrafter(), ids, gamma=GAMMA, **kwargs))
+        engine_s += elapsed
+        engine += out.metrics
+        new = out.sequences[0, len(prompt):].tolist()
+        eos = set(fastspec.introspect.eos_token_ids(model))
+        cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+        outputs.append(new[:cut])
+    replay_s, merged = _timed(lambda: replay_runs(model, {"pl": PromptLookupDrafter()}, prompts, outputs,
+                                                  gamma=GAMMA, **kwargs))
+    for name in ("num_steps", "row_steps", "num_accepted_tokens", "position_hits", "position_trials"):
+        assert getattr(merged["pl"], name) == getattr(engine, name), name
+    return dict(prompts=len(prompts), alpha=engine.acceptance_rate, tau=engine.mean_accepted_length,
+                engine_s=engine_s, replay_s=replay_s, replay_speedup=engine_s / replay_s)
+
+
+def test_replay_vs_engine_smollm2(benchmark):
+    """Goal: replay ≥ 20× faster than the engine, with equal α, τ and per-position acceptance."""
+    from fastspec.targets import smollm2_folder
+
+    if not os.path.exists(str(smollm2_folder())):
+        pytest.skip("SmolLM2 is not in the offline cache")
+    figures = benchmark.pedantic(_replay_vs_engine, rounds=1, iterations=1)
+    benchmark.extra_info.update(figures)
+    print("\nreplay vs engine:", {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
