@@ -4,7 +4,6 @@
    non-model time per step as a share of the target forward time (goal ≤ 10%), and measured
    speedup over autoregressive (same engine) vs the ideal (γ+1)/(γc+1) (goal ≥ 0.85).
 2. fastspec autoregressive (drafter=None) vs HF generate(), greedy, 64 new tokens (goal ≥ 1.0).
-
 3. Offline α replay vs the engine on SmolLM2 fp32 (prompt lookup, aclsum, 64 new tokens): goal ≥ 20×.
 
 Run:  OMP_NUM_THREADS=1 python -m pytest bench/bench_engine.py -q -s --benchmark-disable-gc

@@ -80,12 +80,15 @@ def _chi2_critical(dof, z=3.72):
 def _sample_counts(model, drafter, gamma, settings, seed):
     vocab = model.config.vocab_size
     ids = torch.tensor([PROMPT]).repeat(NUM_SAMPLES, 1)
+    # γ + 1 new tokens: the engine drafts at most what a row may still emit − 1, so the first step
+    # drafts all γ; the first two emitted tokens are counted
     out = fastspec.generate(
-        model, drafter, ids, gamma=gamma, do_sample=True, max_new_tokens=2, eos_token_id=None, seed=seed,
-        **settings,
+        model, drafter, ids, gamma=gamma, do_sample=True, max_new_tokens=max(gamma, 1) + 1, eos_token_id=None,
+        seed=seed, **settings,
     )
     new = out.sequences[:, 1:] if model.config.is_encoder_decoder else out.sequences[:, len(PROMPT):]
-    assert new.shape == (NUM_SAMPLES, 2)
+    assert new.shape == (NUM_SAMPLES, max(gamma, 1) + 1)
+    new = new[:, :2]
     counts = torch.bincount(new[:, 0] * vocab + new[:, 1], minlength=vocab * vocab).reshape(vocab, vocab)
     return counts, out.metrics
 
