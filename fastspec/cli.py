@@ -28,7 +28,8 @@ from fastspec.distill.students import DRAFTER_KINDS
 from fastspec.distill.trainer import TrainingError, train_from_cli
 from fastspec.drafters.io import load_drafter
 from fastspec.errors import UserError
-from fastspec.eval import add_data_flags, add_drafter_dtype_flag, add_sampling_flags, add_target_flags
+from fastspec.flags import (add_data_flags, add_drafter_dtype_flag, add_sampling_flags, add_target_flags, check_flags,
+                            generation_kwargs)
 from fastspec.targets import check_device, check_target_spec, load_target_and_tokenizer
 
 DRAFTERS = ("ngram",) + DRAFTER_KINDS + ("feature",)
@@ -203,7 +204,7 @@ def cmd_generate(args) -> int:
         ids = encode_prompts(tokenizer, target, [text], args.max_source_length)[0]
     input_ids = torch.tensor([ids], device=introspect.model_device(target))
     out = engine.generate(target, drafter, input_ids=input_ids, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
-                          **evaluation.generation_kwargs(args))
+                          **generation_kwargs(args))
     new = evaluation.new_tokens_of(out.sequences, len(ids), introspect.is_encoder_decoder(target))
     output = tokenizer.decode(new, skip_special_tokens=True).strip()
     metrics = out.metrics.as_dict()
@@ -249,7 +250,7 @@ def run_command(args) -> int:
     """Check the flags every command shares (``--device`` first), then run the command."""
     if getattr(args, "device", None) is not None:
         check_device(args.device)
-    evaluation.check_flags(args)
+    check_flags(args)
     return int(COMMANDS[args.command](args) or 0)
 
 

@@ -17,6 +17,7 @@ import torch
 from fastspec.errors import UserError
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+DRAFTER_DTYPES = ("float32", "bfloat16", "float16", "int8")  # load_drafter(dtype=...), --drafter_dtype
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 # A near-tie: the two diverging tokens are the target's top two and their logits differ by at most this.
 # bf16 keeps 8 mantissa bits: a logit near 20 is rounded to ±0.06, and 6-token vs 1-token forwards

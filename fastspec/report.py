@@ -77,6 +77,36 @@ SPEC_COLUMNS = [
 ]
 
 
+def _positions(row) -> str:
+    positions = row.get("divergence_positions") or []
+    return ", ".join(str(p) for p in positions) if positions else "–"
+
+
+def _near_tie(row) -> str:
+    near, gap, tol = row.get("divergence_near_tie"), row.get("divergence_gap"), row.get("near_tie_tolerance")
+    if near is None:
+        return "–"
+    where = f"gap {gap:.3g}" if gap is not None else "gap –"
+    return f"{'yes' if near else 'NO'} (max {where}, tolerance {tol:g})"
+
+
+AGREEMENT_COLUMNS = [
+    Column("name", "decoder"),
+    Column("token_agreement", "token agreement with AR", fmt_float(4)),
+    Column("divergences", "diverging prompts", lambda v: "–" if v is None else str(v)),
+    Column("first_divergence_text", "first divergence (token index per prompt)"),
+    Column("near_tie_text", "near-tie (top-2 logit gap ≤ tolerance)"),
+]
+
+
+def agreement_table(rows: Sequence[Dict[str, Any]], markdown: bool = True) -> str:
+    """Token agreement with autoregressive decoding, first divergences and their near-tie verdicts."""
+    shown = [dict(r, first_divergence_text=_positions(r), near_tie_text=_near_tie(r)) for r in rows]
+    columns = AGREEMENT_COLUMNS
+    return markdown_table(shown, columns) if markdown else text_table(shown, columns)
+
+
+
 def _pyplot():
     import matplotlib
 

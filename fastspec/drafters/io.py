@@ -28,6 +28,7 @@ from fastspec.drafters.folder import (  # noqa: F401  (re-exported: the drafter 
 # modules, not classes: prompt_lookup imports this module while it is itself being imported
 from fastspec.drafters import cnn, ensemble, feature, hf, layer_skip, lstm, neural, ngram, prompt_lookup
 from fastspec.errors import UserError
+from fastspec.precision import DRAFTER_DTYPES
 
 
 def _drafter_classes() -> dict:
@@ -41,7 +42,6 @@ def _drafter_classes() -> dict:
     }
 
 
-DRAFTER_DTYPES = ("float32", "bfloat16", "float16", "int8")  # load_drafter(dtype=...), --drafter_dtype
 
 
 def load_drafter(folder: str, target=None, dtype=None):
