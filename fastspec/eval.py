@@ -34,6 +34,7 @@ import torch
 from fastspec import engine, introspect, precision, report
 from fastspec.data import Example, encode_prompts, load_examples
 from fastspec.drafters import PromptLookupDrafter
+from fastspec.distill.replay import replay_runs
 from fastspec.drafters.io import load_drafter, read_config
 from fastspec.errors import UserError
 from fastspec.metrics import GenerationMetrics
@@ -427,6 +428,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_sampling_flags(parser)
     parser.add_argument("--out", default="fastspec_eval", help="folder for results.json, report.md and plots")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--replay", action="store_true",
+                        help="offline α: decode autoregressively once, then run only the drafters along those outputs "
+                        "(greedy; α, τ and per-position acceptance equal the engine's; no speed columns)")
     return parser
 
 
@@ -495,6 +499,8 @@ def main(args) -> int:
     work = load_workload(args.target, args.device, args.dataset, args.split, args.num_samples, args.max_source_length,
                          dtype=args.dtype)
     decoders = checkpoint_decoders(work.target, checkpoints, args.builtin, args.gamma, args.drafter_dtype)
+    if args.replay:
+        return replay_main(work, decoders, args)
     result = evaluate(work.target, work.tokenizer, decoders, work.prompts, work.references,
                       max_new_tokens=args.max_new_tokens, gamma=args.gamma, generate_kwargs=generation_kwargs(args),
                       progress=not args.no_progress)
@@ -514,6 +520,46 @@ def main(args) -> int:
         print("\n" + agreement_table(result["rows"], markdown=False))
     print(f"\nreport: {files['markdown']}\njson:   {files['json']}")
     return report_mismatches(result["mismatches"])
+
+
+def replay_evaluate(target, decoders: Sequence[Decoder], prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                    gamma: int, generate_kwargs: Optional[Dict[str, Any]] = None, progress: bool = True) -> list:
+    """Rows of α, τ, per-position acceptance and c for every drafter, by offline replay (DESIGN §8):
+    the target decodes each prompt once, autoregressively; each drafter then runs alone along those
+    outputs (:func:`fastspec.distill.replay.replay_runs`). c uses the autoregressive forward's time."""
+    kwargs = dict(generate_kwargs or {})
+    if kwargs.get("do_sample"):
+        raise UserError("--replay needs greedy decoding: only the greedy trajectory is fixed by the target's output")
+    ar = decode_all(target, [Decoder(AR_NAME)], prompts, max_new_tokens=max_new_tokens, gamma=gamma,
+                    generate_kwargs=kwargs, progress=progress, desc="autoregressive")[AR_NAME]
+    rows = []
+    for d in decoders:
+        if d.drafter is None:
+            continue
+        start = time.perf_counter()
+        metrics = replay_runs(target, {d.name: d.drafter}, prompts, ar.outputs, gamma=d.gamma or gamma,
+                              max_new_tokens=max_new_tokens, **{**kwargs, **d.options})[d.name]
+        # the replay runs no target forward: c is against the autoregressive decode step
+        metrics.verify_calls, metrics.verify_time_s = ar.metrics.verify_calls, ar.metrics.verify_time_s
+        run = DecodeRun(d.name, d.gamma or gamma, outputs=list(ar.outputs), time_s=time.perf_counter() - start,
+                        metrics=metrics, info=dict(d.info))
+        rows.append(dict(summarize(run, None, greedy=True), replay_s=run.time_s, engine_ar_s=ar.time_s))
+    return rows
+
+
+def replay_main(work: Workload, decoders: Sequence[Decoder], args) -> int:
+    rows = replay_evaluate(work.target, decoders, work.prompts, max_new_tokens=args.max_new_tokens, gamma=args.gamma,
+                           generate_kwargs=generation_kwargs(args), progress=not args.no_progress)
+    columns = [c for c in report.SPEC_COLUMNS if c.key in ("name", "gamma", "acceptance_rate", "mean_accepted_length",
+                                                           "ideal_speedup")]
+    columns.append(report.Column("c", "c", report.fmt_float(4)))
+    os.makedirs(args.out, exist_ok=True)
+    report.write_json({"mode": "replay", "rows": rows}, os.path.join(args.out, "results.json"))
+    report.write_markdown(os.path.join(args.out, "report.md"), "fastspec eval --replay",
+                          [("Offline replay (greedy)", report.markdown_table(rows, columns))])
+    print(report.text_table(rows, columns))
+    print(f"\nreport: {os.path.join(args.out, 'report.md')}")
+    return 0
 
 
 def report_mismatches(bad: Sequence[str]) -> int:

@@ -209,6 +209,21 @@ def test_eval_cli_baseline_vs_distilled(tmp_path):
     assert "ROUGE-1" in md and "distilled (seq_kd)" in md
     assert (out / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --replay: the same α, τ and per-position acceptance with no target forward per step
+    replay_out = tmp_path / "replay"
+    status = cli_main(["eval", "--ckpt_path", f"base={tmp_path / 'ngram_base'}", f"kd={tmp_path / 'ngram_kd'}",
+                       "--builtin", "prompt_lookup", "--target", target_dir, "--split", "train", "--num_samples", "3",
+                       "--max_new_tokens", "8", "--max_source_length", "256", "--out", str(replay_out),
+                       "--no_progress", "--replay"])
+    assert status == 0
+    replayed = {r["name"]: r for r in json.load(open(replay_out / "results.json"))["rows"]}
+    assert list(replayed) == ["base", "kd", "prompt_lookup"]
+    for name, row in replayed.items():
+        for key in ("acceptance_rate", "mean_accepted_length", "num_accepted_tokens", "num_draft_tokens", "row_steps"):
+            assert row[key] == pytest.approx(rows[name][key]), (name, key)
+        assert row["per_position_acceptance"] == pytest.approx(rows[name]["per_position_acceptance"])
+        assert row["c"] > 0 and row["ideal_speedup"] > 0
+
 
 def test_eval_cli_user_errors(tmp_path, capsys):
     from fastspec.cli import main as cli_main
