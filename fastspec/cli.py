@@ -25,7 +25,8 @@ from fastspec.data import encode_prompts, encode_references, load_examples
 from fastspec.distill.distributed import init_distributed, shutdown
 from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset
 from fastspec.distill.students import DRAFTER_KINDS
-from fastspec.distill.trainer import TrainingError, train_from_cli
+from fastspec.distill.students import TrainingError
+from fastspec.distill.train_cli import train_from_cli
 from fastspec.drafters.io import load_drafter
 from fastspec.errors import UserError
 from fastspec.flags import (add_data_flags, add_drafter_dtype_flag, add_sampling_flags, add_target_flags, check_flags,

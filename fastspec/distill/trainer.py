@@ -30,17 +30,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from fastspec import engine, introspect
-from fastspec.data import encode_prompts, encode_references, load_examples
 from fastspec.distill.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from fastspec.distill.distributed import DistInfo, init_distributed, shutdown
+from fastspec.distill.distributed import DistInfo
 from fastspec.distill.losses import DIVERGENCES, divergence, masked_cross_entropy
-from fastspec.distill.pseudo import load_pseudo_dataset, load_topk_logits
+from fastspec.distill.pseudo import load_topk_logits
 from fastspec.distill.students import NeuralStudent, TrainingError, build_student
 from fastspec.distill.teacher import pad_left, pad_right, teacher_forced_logits
 from fastspec.drafters import NgramDrafter
 from fastspec.drafters.folder import update_config
-from fastspec.files import atomic_write_text
-from fastspec.targets import load_target_and_tokenizer
 
 DISTILL_METHODS = ("seq_kd",) + DIVERGENCES + ("on_policy",)
 LOG_FIELDS = ("step", "loss", "ce", "kd", "lr", "grad_norm", "tokens", "time_s", "eval_alpha")
@@ -522,144 +519,3 @@ def fit_neural_drafter(drafter, sources: Sequence[Sequence[int]], outputs: Seque
         return Trainer(NeuralStudent(drafter, eos_ids), items, train_config).train()
     finally:
         drafter.model.eval()
-
-
-FEATURE_DATA = ("pseudo", "references", "sources")
-
-
-def feature_pairs(target, records: Sequence[dict], kind: str, *, max_new_tokens: int, progress: bool = False):
-    """(prompt, output) token pairs for ``fastspec train --drafter feature --feature_data KIND``.
-
-    pseudo: the records' ``output_ids`` (a pseudo-dataset), else the target's own greedy outputs,
-    generated here (≤ ``max_new_tokens``); references: the reference texts, teacher-forced, no
-    generation; sources: the source texts themselves (causal: the prompt continues its first token;
-    seq2seq: the decoder reads the source), the cheapest in-domain text.
-    """
-    if kind not in FEATURE_DATA:
-        raise TrainingError(f"--feature_data must be one of {FEATURE_DATA}, not {kind!r}")
-    from fastspec.distill.feature import pseudo_pairs
-
-    sources = [list(r["source_ids"]) for r in records]
-    if kind == "pseudo":
-        if all(r.get("output_ids") for r in records):
-            return [(s, list(r["output_ids"])) for s, r in zip(sources, records)]
-        return pseudo_pairs(target, sources, max_new_tokens=max_new_tokens, progress=progress)
-    if kind == "references":
-        if not all(r.get("reference_ids") for r in records):
-            raise TrainingError("--feature_data references: some records have no reference text")
-        return [(s, list(r["reference_ids"])) for s, r in zip(sources, records)]
-    if introspect.is_encoder_decoder(introspect.hf_model(target)):
-        return [(s, s) for s in sources]
-    return [(s[:1], s[1:]) for s in sources if len(s) > 1]
-
-
-def train_feature_from_cli(args, target, tokenizer) -> int:
-    """``fastspec train --drafter feature``: the EAGLE-style drafter of :mod:`fastspec.distill.feature`.
-
-    Data (``--feature_data``, default pseudo): the target's own outputs (``--pseudo_dataset_path``
-    or generated here, ≤ ``--max_target_length`` tokens), references or sources, cut by
-    ``--num_samples``. Loss per unrolled step i (``--unroll``, weight 0.8^i): ``--loss`` × smooth L1
-    on the features + w × ``--distill_method`` (fkl/rkl/jsd/tvd) at ``--kd_temp`` against the
-    target's distribution on the ``--shortlist`` head, with w = ``--kd_loss`` when > 0, else EAGLE's
-    0.1. Checkpoints (atomic) in ``<out>/checkpoints``; ``--resume`` continues from the newest, a
-    run without it starts over. Pairs and features are cached in ``<out>`` for the rerun.
-    """
-    import shutil
-
-    from fastspec.distill.feature import FeatureTrainConfig, train_feature_drafter
-
-    if args.distill_method not in DIVERGENCES:
-        raise TrainingError(f"--drafter feature takes --distill_method {'/'.join(DIVERGENCES)}, "
-                            f"not {args.distill_method!r}")
-    if args.unroll < 1 or args.shortlist < 1:
-        raise TrainingError("--unroll and --shortlist must be >= 1")
-    out_dir = os.path.join(args.output_root, args.exp_name)
-    ckpt_dir, pairs_file = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "feature_pairs.json")
-    if not args.resume:
-        for stale in (ckpt_dir, os.path.join(out_dir, "feature_data")):
-            shutil.rmtree(stale, ignore_errors=True)
-    started = time.perf_counter()
-    if args.resume and os.path.isfile(pairs_file):
-        with open(pairs_file, encoding="utf-8") as handle:
-            pairs = [tuple(p) for p in json.load(handle)]
-    else:
-        if args.pseudo_dataset_path:
-            records = load_pseudo_dataset(args.pseudo_dataset_path)[: args.num_samples or None]
-        else:
-            examples = load_examples(args.dataset, split=args.split, limit=args.num_samples)
-            prompts = encode_prompts(tokenizer, target, [e.source for e in examples], args.max_source_length)
-            refs = encode_references(tokenizer, [e.reference for e in examples], max_target_length=args.max_target_length)
-            records = [{"source_ids": p, "reference_ids": r} for p, r in zip(prompts, refs)]
-        pairs = feature_pairs(target, records, args.feature_data, max_new_tokens=args.max_target_length,
-                              progress=not args.no_progress)
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write_text(pairs_file, json.dumps([[list(p), list(o)] for p, o in pairs]))
-    if not pairs:
-        raise TrainingError("no training sequences for the feature drafter")
-    config = FeatureTrainConfig(
-        shortlist_size=args.shortlist, unroll_steps=args.unroll, feature_weight=args.loss,
-        divergence=args.distill_method, divergence_weight=args.kd_loss if args.kd_loss > 0 else 0.1,
-        temperature=args.kd_temp, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, batch_size=args.batch_size, max_steps=args.max_steps,
-        max_length=args.max_source_length + args.max_target_length, data_cache_dir=os.path.join(out_dir, "feature_data"),
-        checkpoint_dir=ckpt_dir, checkpoint_every=args.ckpt_every or args.max_steps, seed=args.seed,
-        progress=not args.no_progress)
-    drafter = train_feature_drafter(target, pairs, config)
-    folder = os.path.join(out_dir, "drafter")
-    drafter.save(folder)
-    meta = {"drafter": "feature", "feature_data": args.feature_data, "pseudo_dataset": args.pseudo_dataset_path,
-            "loss": args.loss, "kd_loss": config.divergence_weight, "distill_method": args.distill_method,
-            "kd_temp": args.kd_temp, "unroll": args.unroll, "shortlist": drafter.train_stats["shortlist_size"],
-            "steps": drafter.train_stats["steps"], "final_loss": drafter.train_stats["final_loss"]}
-    stamp_training(folder, meta)
-    print(f"drafter saved to {folder} ({len(pairs)} sequences, {drafter.train_stats['steps']} steps, "
-          f"loss {drafter.train_stats['final_loss']:.4f}, {time.perf_counter() - started:.1f}s)")
-    return 0
-
-
-def train_from_cli(args, drafter_options: dict) -> int:
-    """``fastspec train``: load target + data, train, save ``<output_root>/<exp_name>/drafter``."""
-    out_dir = os.path.join(args.output_root, args.exp_name)
-    config = TrainConfig(
-        out_dir=out_dir, drafter=args.drafter, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_steps=args.warmup_steps,
-        grad_clip=args.grad_clip, loss=args.loss, kd_loss=args.kd_loss, kd_temp=args.kd_temp,
-        distill_method=args.distill_method, on_policy_divergence=args.on_policy_divergence,
-        on_policy_max_new_tokens=args.on_policy_max_new_tokens, teacher_logits=args.teacher_logits, seed=args.seed,
-        ckpt_every=args.ckpt_every, eval_every=args.eval_every, amp=args.amp, progress=not args.no_progress,
-    )
-    config.validate()
-    info = init_distributed(args.device)
-    try:
-        target, tokenizer = load_target_and_tokenizer(args.target, str(info.device), dtype=getattr(args, "dtype", None))
-        if args.drafter == "feature":
-            return train_feature_from_cli(args, target, tokenizer)
-        if args.pseudo_dataset_path:
-            records = load_pseudo_dataset(args.pseudo_dataset_path)
-            if args.num_samples:
-                records = records[: args.num_samples]
-        else:
-            if args.drafter != "ngram" and config.kd_loss > 0 and config.distill_method == "seq_kd":
-                raise TrainingError("--distill_method seq_kd needs --pseudo_dataset_path")
-            examples = load_examples(args.dataset, split=args.split, limit=args.num_samples)
-            prompts = encode_prompts(tokenizer, target, [e.source for e in examples], args.max_source_length)
-            refs = encode_references(tokenizer, [e.reference for e in examples], max_target_length=args.max_target_length)
-            records = [{"index": i, "id": e.id, "source_ids": p, "reference_ids": r}
-                       for i, (e, p, r) in enumerate(zip(examples, prompts, refs))]
-        if args.drafter == "ngram" and config.kd_loss > 0 and not any(r.get("output_ids") for r in records):
-            raise TrainingError("a distilled n-gram drafter (--kd_loss > 0) is fitted on target outputs: give --pseudo_dataset_path")
-        eval_prompts = None
-        if args.eval_samples and args.drafter != "ngram":
-            val_spec = "aclsum" if args.dataset.startswith("aclsum_papers") else args.dataset
-            val = load_examples(val_spec, split="val", limit=args.eval_samples)
-            eval_prompts = encode_prompts(tokenizer, target, [e.source for e in val], args.max_source_length)
-        started = time.perf_counter()
-        train_drafter(target, records, config, progress=config.progress, init_from=args.init_from,
-                      drafter_options=drafter_options, dist_info=info, pseudo_dir=args.pseudo_dataset_path,
-                      eval_prompts=eval_prompts, gamma=args.gamma, eval_max_new_tokens=args.eval_max_new_tokens,
-                      resume=args.resume, ngram_n=args.ngram_n)
-        if info.is_main:
-            print(f"drafter saved to {os.path.join(out_dir, 'drafter')} ({time.perf_counter() - started:.1f}s)")
-    finally:
-        shutdown()
-    return 0
