@@ -10,8 +10,8 @@ from conftest import _llama
 from fastspec.drafters.base import CommitInfo, DraftRequest, DraftStep, SamplingParams
 from fastspec.distill.checkpoint import latest_checkpoint
 from fastspec.distill.feature import (FeatureTrainConfig, agreement, build_shortlist, collate, extract_features,
-                                      label_counts, pseudo_pairs, train_feature_drafter, unroll_weights,
-                                      unrolled_loss, unrolled_outputs)
+                                      label_counts, layer_positions, pseudo_pairs, train_feature_drafter,
+                                      unroll_weights, unrolled_loss, unrolled_outputs, window_sequence)
 from fastspec.drafters.feature import FeatureDrafter, eagle3_layers
 from fastspec.errors import UserError
 
@@ -271,6 +271,66 @@ def test_unrolled_loss_weights_are_decay_powers(small_llama):
     both, _ = unrolled_loss(model, batch, steps=1, divergence_name="tvd", divergence_weight=1.0)
     assert both.item() == pytest.approx(feature_only.item() + 10 * token_only.item(), rel=1e-5)
     assert 0.0 < token_only.item() <= 0.1  # 0.1 × TVD ≤ 0.1
+
+
+def test_window_keeps_the_output_loss_and_processes_fewer_positions(small_llama):
+    """Training windows: a window covering the whole prompt leaves the loss on the output positions
+    unchanged (RoPE is relative: renumbering from 0 is harmless); a short window keeps every loss
+    position of every pass and runs fewer positions through the drafter's layer."""
+    gen = torch.Generator().manual_seed(3)
+    pairs = [(torch.randint(3, 97, (40,), generator=gen).tolist(), [20, 21, 22, 23, 24]),
+             (torch.randint(3, 97, (31,), generator=gen).tolist(), [30, 31, 32])]
+    data = extract_features(small_llama, pairs, progress=False)
+    model = FeatureDrafter.from_target(small_llama, shortlist=torch.arange(10, 60)).model
+    full = collate(data.sequences, 32)
+    covering = collate([window_sequence(s, 38, 3) for s in data.sequences], 32)  # 38 = first loss position
+    assert torch.equal(covering.tokens, full.tokens)
+    assert torch.equal(collate([window_sequence(s, None, 3) for s in data.sequences], 32).tokens, full.tokens)
+    total, per_step = unrolled_loss(model, full, steps=3)
+    for window in (38, 39, 1000):
+        cropped = [window_sequence(s, window, 3) for s in data.sequences]
+        again, again_steps = unrolled_loss(model, collate(cropped, 32), steps=3)
+        torch.testing.assert_close(again, total)
+        torch.testing.assert_close(torch.stack(again_steps), torch.stack(per_step))
+    # a short window: the same output positions train in every pass, through far fewer layer positions
+    short = collate([window_sequence(s, 4, 3) for s in data.sequences], 32)
+    assert short.tokens.shape[1] == 4 + 2 + 5  # 4 context + the first loss position + 5 outputs (+1 target)
+    counts = [[int(m.sum()) for _, m in unrolled_outputs(model, b, 3)] for b in (full, short)]
+    assert counts[0] == counts[1] and counts[0][0] == (5 + 1) + (3 + 1)
+    assert layer_positions(short, 3) * 3 < layer_positions(full, 3)
+    # a window too short for the unrolled passes is widened to steps − 1 positions
+    assert window_sequence(data.sequences[0], 0, 3).prompt_len == 2 + 2
+    # the trainer crops too: fewer positions per step for the same batches
+    stats = [train_feature_drafter(small_llama, config=FeatureTrainConfig(
+        max_steps=2, batch_size=2, progress=False, shortlist_size=50, context_window=window), data=data).train_stats
+        for window in (None, 4)]
+    assert stats[0]["steps"] == stats[1]["steps"] == 2 and stats[1]["positions"] * 3 < stats[0]["positions"]
+
+
+def test_lr_schedules_and_unroll_ramp(small_llama):
+    from fastspec.distill.feature import _lr_factor
+
+    cfg = FeatureTrainConfig(warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert _lr_factor(cfg, 0, 0.0) == pytest.approx(0.25)
+    assert _lr_factor(cfg, 10, 0.0) == pytest.approx(1.0) and _lr_factor(cfg, 10, 1.0) == pytest.approx(0.1)
+    assert _lr_factor(cfg, 10, 0.5) == pytest.approx(0.55)
+    assert _lr_factor(FeatureTrainConfig(warmup_steps=1, lr_schedule="linear", min_lr_ratio=0.0), 5, 0.25) == 0.75
+    assert _lr_factor(FeatureTrainConfig(warmup_steps=1), 5, 0.9) == 1.0  # constant (the default)
+    with pytest.raises(UserError):
+        FeatureTrainConfig(lr_schedule="step").check()
+    data = extract_features(small_llama, [([5, 9, 14], [20, 21, 22, 23, 24])], progress=False)
+    ramped = train_feature_drafter(small_llama, config=FeatureTrainConfig(
+        max_steps=4, batch_size=1, unroll_steps=3, unroll_ramp=0.5, progress=False, bf16_autocast=False), data=data)
+    # steps 0, 1 train one pass, steps 2, 3 all three: (1 + 1 + 3 + 3) passes over 7 positions
+    assert ramped.train_stats["positions"] == 8 * 7 and ramped.train_stats["bf16_autocast"] is False
+
+
+def test_bf16_autocast_training_runs(small_llama):
+    data = extract_features(small_llama, [([5, 9, 14], [20, 21, 22, 23, 24])], progress=False)
+    drafter = train_feature_drafter(small_llama, config=FeatureTrainConfig(
+        max_steps=2, batch_size=1, progress=False, bf16_autocast=True), data=data)
+    assert drafter.train_stats["bf16_autocast"] is True and drafter.model.fc.weight.dtype == torch.float32
+    assert torch.isfinite(torch.tensor(drafter.train_stats["final_loss"]))
 
 
 def test_shortlist_most_frequent_plus_eos():

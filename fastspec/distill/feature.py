@@ -14,6 +14,10 @@ features for j steps and, at each position, is scored on the next feature (smoot
 target's last hidden state) and the next token (a divergence from
 :mod:`fastspec.distill.losses` against the target's distribution restricted to the shortlist;
 positions whose target argmax is outside the shortlist are masked). Step j weighs ``decay**j``.
+
+A training step runs on windows (:func:`window_sequence`): each row's loss positions (its output)
+plus at most ``context_window`` earlier positions, fed the target's full-context features; prompt
+positions before the window cost nothing in the drafter's layer (they dominated the cost before).
 """
 from __future__ import annotations
 
@@ -339,6 +343,46 @@ def collate(seqs: Sequence[FeatureSequence], hidden: int, device=None, dtype=tor
     )
 
 
+def window_sequence(seq: FeatureSequence, context_window: Optional[int], steps: int = 1,
+                    loss_on_prompt: bool = False) -> FeatureSequence:
+    """The training window of ``seq``: its loss positions plus at most ``context_window`` positions
+    before them (None = the whole sequence). The features stay the target's FULL-context ones (they
+    were extracted once over the whole sequence); only the drafter's own layer loses the positions
+    before the window, i.e. its attention sees the window alone.
+
+    Position i trains on token i+2 (see :func:`unrolled_outputs`), so the first loss position is
+    ``prompt_len − 2``; the window keeps at least ``steps − 1`` positions before it so that every
+    unrolled pass keeps all its loss positions. RoPE (Llama) and T5's relative bias depend only on
+    position differences, so renumbering the window from 0 changes nothing else: with a window that
+    covers the whole prompt the loss is unchanged.
+
+    Train/inference mismatch: at inference the drafter's layer attends over the whole prompt. With
+    a window it is trained with at most ``context_window`` earlier slots. This is acceptable because
+    the long-range context already reaches it through the target's features (each f_i is computed by
+    the target over the full prefix); the drafter's one layer mostly needs the recent tokens and its
+    own unrolled slots, which the window keeps. Agreement (:func:`agreement`) is measured with full
+    context, as at inference. Loss on the prompt (``loss_on_prompt``) and seq2seq sequences (whose
+    decoder prompt is one start token) are never cropped.
+    """
+    if context_window is None or loss_on_prompt:
+        return seq
+    first_loss = max(seq.prompt_len - 2, 0)
+    start = max(first_loss - max(int(context_window), steps - 1), 0)
+    if start == 0:
+        return seq
+    return FeatureSequence(
+        tokens=seq.tokens[start:], prompt_len=seq.prompt_len - start, features=seq.features[start:],
+        last=None if seq.last is None else seq.last[start:], top_values=seq.top_values[start:],
+        top_ids=seq.top_ids[start:], lse=seq.lse[start:], encoder=seq.encoder)
+
+
+def layer_positions(batch: Batch, steps: int) -> int:
+    """Query positions the drafter's layer processes for ``batch`` over ``steps`` unrolled passes
+    (padding included): the cost measure of a training step."""
+    B, T = batch.tokens.shape
+    return steps * B * max(T - 1, 0)
+
+
 def unrolled_outputs(model: FeatureModel, batch: Batch, steps: int, loss_on_prompt: bool = False):
     """Teacher-forced drafter passes, each fed the previous pass's predicted features.
 
@@ -468,6 +512,15 @@ class FeatureTrainConfig:
     train_head: bool = True
     lr: float = 5e-4
     warmup_steps: int = 20
+    lr_schedule: str = "constant"  # after warm-up: "constant", "linear" or "cosine" decay to min_lr_ratio·lr
+    min_lr_ratio: float = 0.1
+    # training windows: the loss positions plus at most this many earlier positions (None = whole
+    # sequences); features stay full-context, see window_sequence for the train/inference mismatch
+    context_window: Optional[int] = 32
+    # the first unroll_ramp fraction of the run (of max_steps or time_budget_s) trains 1 pass only
+    unroll_ramp: float = 0.0
+    # bf16 autocast of the drafter's forward on CPU; None = when the CPU has bf16 units (AMX/AVX512-BF16)
+    bf16_autocast: Optional[bool] = None
     weight_decay: float = 0.0
     grad_clip: float = 0.5
     batch_size: int = 8
@@ -488,15 +541,48 @@ class FeatureTrainConfig:
             raise UserError("give max_steps, time_budget_s or both")
         if self.unroll_steps < 1 or self.batch_size < 1:
             raise UserError("unroll_steps and batch_size must be ≥ 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"unknown lr_schedule {self.lr_schedule!r}; choose from {LR_SCHEDULES}")
+        if self.context_window is not None and self.context_window < 0:
+            raise UserError("context_window must be ≥ 0 (or None for whole sequences)")
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _lr_factor(cfg: FeatureTrainConfig, step: int, done: float) -> float:
+    """Multiplier of cfg.lr at ``step`` with ``done`` ∈ [0,1] of the run behind: linear warm-up
+    over warmup_steps, then the schedule's decay from 1 to min_lr_ratio as ``done`` goes 0 → 1."""
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    done = min(max(done, 0.0), 1.0)
+    if cfg.lr_schedule == "linear":
+        decay = 1.0 - done
+    elif cfg.lr_schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * done))
+    else:
+        decay = 1.0
+    return warm * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay)
+
+
+def _use_bf16_autocast(cfg: FeatureTrainConfig, device) -> bool:
+    if torch.device(device).type != "cpu":
+        return bool(cfg.bf16_autocast)
+    if cfg.bf16_autocast is None:
+        from fastspec.precision import cpu_has_bf16_units
+
+        return cpu_has_bf16_units()
+    return bool(cfg.bf16_autocast)
 
 
 def train_feature_drafter(target, pairs: Optional[Sequence[Pair]] = None, config: FeatureTrainConfig = None, *,
                           data: Optional[FeatureData] = None) -> FeatureDrafter:
     """Train a FeatureDrafter for ``target`` on ``pairs`` (or on already extracted ``data``).
 
-    AdamW with linear warm-up, seeded batches (step s draws from seed + s, so a resumed run sees the
-    same batches), a step and/or time budget, tqdm progress, and atomic checkpoints in
-    ``config.checkpoint_dir`` from which a rerun resumes. The drafter's ``train_stats`` records the run.
+    AdamW with linear warm-up then ``lr_schedule``, seeded batches (step s draws from seed + s, so a
+    resumed run sees the same batches), each row cropped to its training window
+    (:func:`window_sequence`, ``context_window``), a step and/or time budget, tqdm progress, and
+    atomic checkpoints in ``config.checkpoint_dir`` from which a rerun resumes. The drafter's
+    ``train_stats`` records the run, incl. ``positions``: query positions run through the layer.
     """
     from tqdm.auto import tqdm
 
@@ -520,18 +606,34 @@ def train_feature_drafter(target, pairs: Optional[Sequence[Pair]] = None, config
     step = _resume(cfg, model, optimizer)
     device = model.fc.weight.device
     bar = tqdm(total=cfg.max_steps, initial=step, desc="feature drafter", disable=not cfg.progress)
-    start, losses = time.perf_counter(), []
+    autocast = _use_bf16_autocast(cfg, device)
+    start, losses, positions = time.perf_counter(), [], 0
+
+    def done() -> float:  # fraction of the run behind (whichever budget ends first)
+        fractions = [0.0]
+        if cfg.max_steps:
+            fractions.append(step / cfg.max_steps)
+        if cfg.time_budget_s:
+            fractions.append((time.perf_counter() - start) / cfg.time_budget_s)
+        return max(fractions)
+
     while (cfg.max_steps is None or step < cfg.max_steps) and (
             cfg.time_budget_s is None or time.perf_counter() - start < cfg.time_budget_s):
         draw = torch.Generator().manual_seed(cfg.seed + step)  # step s's batch does not depend on resuming
         rows = torch.randint(len(data.sequences), (cfg.batch_size,), generator=draw)
-        batch = collate([data.sequences[i] for i in rows.tolist()], data.hidden_size, device)
+        behind = done()
+        steps = 1 if behind < cfg.unroll_ramp else cfg.unroll_steps
+        batch = collate([window_sequence(data.sequences[i], cfg.context_window, steps, cfg.loss_on_prompt)
+                         for i in rows.tolist()], data.hidden_size, device)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        loss, _ = unrolled_loss(model, batch, steps=cfg.unroll_steps, decay=cfg.unroll_decay,
-                                feature_weight=cfg.feature_weight, divergence_name=cfg.divergence,
-                                divergence_weight=cfg.divergence_weight, temperature=cfg.temperature,
-                                loss_on_prompt=cfg.loss_on_prompt)
+            group["lr"] = cfg.lr * _lr_factor(cfg, step, behind)
+        with torch.autocast("cpu" if torch.device(device).type == "cpu" else torch.device(device).type,
+                            dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = unrolled_loss(model, batch, steps=steps, decay=cfg.unroll_decay,
+                                    feature_weight=cfg.feature_weight, divergence_name=cfg.divergence,
+                                    divergence_weight=cfg.divergence_weight, temperature=cfg.temperature,
+                                    loss_on_prompt=cfg.loss_on_prompt)
+        positions += layer_positions(batch, steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -549,7 +651,8 @@ def train_feature_drafter(target, pairs: Optional[Sequence[Pair]] = None, config
     model.eval()
     drafter.train_stats = {"steps": step, "seconds": time.perf_counter() - start,
                            "final_loss": losses[-1] if losses else math.nan, "data": dict(data.stats),
-                           "shortlist_size": int(shortlist.numel())}
+                           "shortlist_size": int(shortlist.numel()), "positions": positions,
+                           "context_window": cfg.context_window, "bf16_autocast": autocast}
     return drafter
 
 
@@ -574,5 +677,6 @@ def _resume(cfg: FeatureTrainConfig, model: FeatureModel, optimizer) -> int:
 
 __all__ = [
     "FeatureData", "FeatureSequence", "FeatureTrainConfig", "agreement", "build_shortlist", "extract_features",
-    "label_counts", "pseudo_pairs", "reference_pairs", "train_feature_drafter", "unroll_weights", "unrolled_loss",
+    "label_counts", "layer_positions", "pseudo_pairs", "reference_pairs", "train_feature_drafter", "unroll_weights",
+    "unrolled_loss", "window_sequence",
 ]
