@@ -13,11 +13,10 @@ import os
 import statistics
 import time
 
-import pytest
 import torch
 
 from fastspec import precision
-from fastspec.cache import cache_length, crop_cache, new_cache
+from fastspec.cache import cache_kwarg, cache_length, crop_cache, new_cache
 
 REPEATS = int(os.environ.get("FASTSPEC_BENCH_REPEATS", "7"))
 DTYPES = [precision.resolve_dtype(d) for d in os.environ.get("FASTSPEC_BENCH_DTYPES", "float32,bfloat16").split(",")]
@@ -32,14 +31,14 @@ def _forward_times(models, prefix_kwargs, step_kwargs):
     with torch.no_grad():
         for dtype, model in models.items():
             caches[dtype] = new_cache(model)
-            model(**prefix_kwargs(model), past_key_values=caches[dtype], use_cache=True)
+            model(**prefix_kwargs(model), **{cache_kwarg(model): caches[dtype]}, use_cache=True)
         base = {dtype: cache_length(cache) for dtype, cache in caches.items()}
         times = {dtype: {w: [] for w in WIDTHS} for dtype in models}
         for repeat in range(REPEATS + 1):  # the first round is a warm-up
             for width in WIDTHS:
                 for dtype, model in models.items():
                     start = time.perf_counter()
-                    model(**step_kwargs(model, width), past_key_values=caches[dtype], use_cache=True)
+                    model(**step_kwargs(model, width), **{cache_kwarg(model): caches[dtype]}, use_cache=True)
                     elapsed = time.perf_counter() - start
                     crop_cache(caches[dtype], base[dtype])
                     if repeat:

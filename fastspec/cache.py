@@ -5,6 +5,8 @@ a positive k raises). Every crop in fastspec goes through :func:`crop_cache`.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -39,3 +41,9 @@ def new_cache(model):
     if config.is_encoder_decoder:
         return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
     return DynamicCache(config=config)
+
+
+def cache_kwarg(module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` from transformers 5.2x on (which
+    deprecates ``past_key_values`` with a FutureWarning on every call), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

@@ -99,6 +99,18 @@ def test_generate_emits_no_future_warning(request, which, num_beams):
     assert [w for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
+def test_hf_drafter_emits_no_future_warning(tiny_llama):
+    """The drafter's own forwards use the current cache argument too (the demo's output stays clean)."""
+    import warnings
+
+    from fastspec.drafters import HFDrafter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastspec.generate(tiny_llama, HFDrafter(tiny_llama), torch.tensor([[5, 6, 7, 8]]), gamma=2, max_new_tokens=4)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
 def test_crop_cache_has_no_absolute_length_fallback():
     """transformers 5 only: a crop the cache refuses is an error, never retried as a 4.x absolute length."""
     from fastspec.cache import crop_cache

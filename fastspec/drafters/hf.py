@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from fastspec import introspect, ops
-from fastspec.cache import cache_length, crop_cache, new_cache
+from fastspec.cache import cache_kwarg, cache_length, crop_cache, new_cache
 from fastspec.drafters.base import DraftOutput, Drafter, DraftRequest, DraftStep
 from fastspec.drafters.context import decoder_sequences, request_source
 from fastspec.drafters.folder import file_sha256, load_folder, save_folder
@@ -80,7 +80,7 @@ class HFDrafter(Drafter):
     def _forward(self, seq: torch.Tensor, start: int, stop: int, last_only: bool) -> torch.Tensor:
         """Feed columns [start, stop) of seq [B,W] (cache length == start); float logits [B,w or 1,V]."""
         block = seq[:, start:stop].clamp(min=0)  # left pads (-1) read token 0, masked below
-        kwargs = dict(past_key_values=self._cache, use_cache=True)
+        kwargs = {cache_kwarg(self.model): self._cache, "use_cache": True}
         if self.is_encoder_decoder:
             kwargs.update(decoder_input_ids=block, encoder_outputs=self._encoder_outputs, attention_mask=self._source_mask)
         else:

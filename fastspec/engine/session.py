@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastspec import introspect
-from fastspec.cache import cache_length, crop_cache, new_cache, select_cache_rows
+from fastspec.cache import cache_kwarg, cache_length, crop_cache, new_cache, select_cache_rows
 from fastspec.engine.inputs import Request
 from fastspec.errors import UserError
 
@@ -77,7 +77,7 @@ class TargetSession:
         self.block_start = 0  # cache length before the last block
         self.rows = torch.arange(request.batch, device=self.device)
         parameters = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in parameters else "past_key_values"  # transformers 5.2x renamed it
+        self.cache_kw = cache_kwarg(model)
         self.keep_logits = "logits_to_keep" in parameters
         self.takes_positions = "position_ids" in parameters or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
