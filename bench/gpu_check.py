@@ -572,7 +572,7 @@ def e2e_suite(model, make_batch, cfg: dict, clock: PartClock, device, assistant=
             out = last[name]
             if hasattr(out, "metrics"):
                 m = out.metrics
-                entry.update(alpha=rnd(m.acceptance_rate), tau=rnd(m.mean_accepted_length), c=rnd(m.c),
+                entry.update(alpha=rnd(m.acceptance_rate), tau=rnd(m.mean_accepted_length), mean_gamma=rnd(m.gamma), c=rnd(m.c),
                              ideal_speedup=rnd(m.ideal_speedup))
                 if name != "fastspec_ar" and m.ideal_speedup:
                     entry["measured_over_ideal"] = rnd(ar_s / median(ts) / m.ideal_speedup, 3)

@@ -73,7 +73,10 @@ def test_end_to_end_parts_have_real_figures(smoke, part):
             assert row[name]["s"] > 0 and row[name]["tokens_per_s"] > 0
             assert row[name]["identical_to_fastspec_ar"] is True  # lossless greedy
         assert row["oracle_alpha1"]["alpha"] == 1.0
-        assert row["oracle_alpha1"]["tau"] == row["gamma"] + 1
+        # every draft accepted: τ = 1 + the mean γ drafted (the last steps draft fewer, up to max_new_tokens)
+        oracle = row["oracle_alpha1"]
+        assert 1 < oracle["mean_gamma"] <= row["gamma"]
+        assert oracle["tau"] == pytest.approx(1 + oracle["mean_gamma"], abs=2e-3)
         assert 0.0 < row["oracle_alpha0.7"]["alpha"] < 1.0
         assert row["oracle_alpha1"]["ideal_speedup"] > 1.0
     one = rows[0]
