@@ -10,7 +10,8 @@ The table (α, τ, tokens/s, ratios, ideal) is printed, stored in ``benchmark.ex
 
 Run:  python -m pytest bench/bench_e2e.py -s --benchmark-only   (see bench/README.md)
 Knobs: FASTSPEC_BENCH_PROMPTS (default 3), FASTSPEC_BENCH_ROUNDS (default 3),
-       FASTSPEC_BENCH_NEW_TOKENS (default 64), FASTSPEC_BENCH_WARMUP (default 1 round).
+       FASTSPEC_BENCH_NEW_TOKENS (default 64), FASTSPEC_BENCH_WARMUP (default 1 round),
+       FASTSPEC_BENCH_DTYPE (the target, default float32; bfloat16 or auto).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ NUM_PROMPTS = int(os.environ.get("FASTSPEC_BENCH_PROMPTS", "3"))
 ROUNDS = int(os.environ.get("FASTSPEC_BENCH_ROUNDS", "3"))
 NEW_TOKENS = int(os.environ.get("FASTSPEC_BENCH_NEW_TOKENS", "64"))
 WARMUP = int(os.environ.get("FASTSPEC_BENCH_WARMUP", "1"))  # unrecorded warm-up rounds
+DTYPE = os.environ.get("FASTSPEC_BENCH_DTYPE", "float32")  # the target's dtype: float32, bfloat16 or auto
 GAMMA = 5
 EARLY_EXIT_LAYERS = 4  # the HF assistant / HFDrafter: the target's first layers + its head
 OUT_DIR = os.environ.get("FASTSPEC_BENCH_OUT", os.path.join(os.path.dirname(__file__), "results"))
@@ -44,7 +46,7 @@ SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
 def smollm2():
     from fastspec.targets import load_smollm2
 
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_smollm2(dtype=DTYPE)
     return model.eval(), tokenizer
 
 
