@@ -137,6 +137,18 @@ __device__ int64_t block_min_index(int64_t v, Shared& sh) {
 
 __device__ int64_t block_max_index(int64_t v, Shared& sh) { return -block_min_index(-v, sh); }
 
+// How many of `group` equal-weight members (weight `e` each) a top-p boundary keeps: members join
+// while the mass above stays below `target`. Sequential on purpose: the float64 running sum rounds
+// exactly like the CPU core's loop. Shared by the one-block and the split paths.
+__device__ __forceinline__ int64_t kept_tie_members(double above, double e, double target, int64_t group) {
+  double running = above;
+  for (int64_t j = 0; j < group; ++j) {
+    if (running + e >= target) return j + 1;
+    running += e;
+  }
+  return group;
+}
+
 // Exclusive prefix sum over the block (thread order); *total gets the block total.
 __device__ double block_exclusive_scan(double v, Shared& sh, double* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -374,18 +386,7 @@ __device__ int32_t sample_position(const float* logits, const uint8_t* seen, int
         count_local += (weights[v] > 0.0 && order_key(values[v]) == prefix) ? 1.0 : 0.0;
       const int64_t group = int64_t(block_sum(count_local, sh));
       const double e = exp(double(key_value(prefix)) - double(best));  // bitwise the members' weight
-      if (threadIdx.x == 0) {
-        int64_t kept = group;
-        double running = above;
-        for (int64_t j = 0; j < group; ++j) {
-          if (running + e >= target) {
-            kept = j + 1;
-            break;
-          }
-          running += e;
-        }
-        sh.scalar_i = kept;
-      }
+      if (threadIdx.x == 0) sh.scalar_i = kept_tie_members(above, e, target, group);
       __syncthreads();
       const int64_t kept = sh.scalar_i;
       __syncthreads();

@@ -492,16 +492,7 @@ __global__ void __launch_bounds__(kThreads) split_final_kernel(int64_t vocab, Pr
     const int64_t mine = buf.part_ties[r * S + s];
     if (threadIdx.x == 0) {  // members weigh the same; keep while the mass above stays < target
       const double e = exp(double(key_value(prefix)) - double(row.best));
-      int64_t kept = group;
-      double running = fixed_value(st.above);
-      for (int64_t j = 0; j < group; ++j) {
-        if (running + e >= st.target) {
-          kept = j + 1;
-          break;
-        }
-        running += e;
-      }
-      ss.value_i = kept;
+      ss.value_i = kept_tie_members(fixed_value(st.above), e, st.target, group);
     }
     __syncthreads();
     const int64_t kept = ss.value_i;

@@ -47,37 +47,41 @@ int split_request() {
   return int(n);
 }
 
-// The launch plan and its device workspace (kept alive by *keep_alive until the op returns; the
-// caching allocator reuses it, and stream order makes the reuse safe).
-cuda::SplitPlan make_plan(int64_t B, int64_t K, int64_t V, bool processes, const at::Device& device,
-                          Tensor* keep_alive, void** workspace) {
+// What a launch needs besides its inputs: the split plan, its device workspace and, on the
+// one-block path with processing, per-row scratch. The tensors live until the op returns (the
+// caching allocator reuses them, and stream order makes the reuse safe).
+struct Launch {
+  cuda::SplitPlan plan;
+  void* workspace = nullptr;
+  cuda::RowScratch scratch;
+  Tensor keep_alive[4];
+};
+
+// params: the op's processing (nullptr for the ops that only verify).
+Launch make_launch(int64_t B, int64_t K, int64_t V, const at::Device& device, const ProcessParams* params) {
   int sm_count = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device.index()) == cudaSuccess,
               "fastspec: cannot read the multiprocessor count of ", device);
-  const cuda::SplitPlan plan = cuda::plan_split(B, K, V, processes, split_request(), sm_count);
-  *workspace = nullptr;
-  if (plan.splits > 0) {
-    *keep_alive = at::empty({int64_t(plan.workspace_bytes)}, at::TensorOptions().device(device).dtype(at::kByte));
-    *workspace = keep_alive->data_ptr();
-  }
-  return plan;
-}
-
-cuda::RowScratch make_scratch(int64_t B, int64_t V, const at::Device& device, bool values, bool seen,
-                              Tensor* keep_alive) {
-  cuda::RowScratch scratch;
+  Launch launch;
+  const bool processes = params != nullptr && params->do_sample;
+  launch.plan = cuda::plan_split(B, K, V, processes, split_request(), sm_count);
   const auto opts = at::TensorOptions().device(device);
-  if (values) {
-    keep_alive[0] = at::empty({B, V}, opts.dtype(at::kFloat));
-    keep_alive[1] = at::empty({B, V}, opts.dtype(at::kDouble));
-    scratch.values = keep_alive[0].data_ptr<float>();
-    scratch.weights = keep_alive[1].data_ptr<double>();
+  if (launch.plan.splits > 0) {  // the split path keeps everything in its workspace
+    launch.keep_alive[0] = at::empty({int64_t(launch.plan.workspace_bytes)}, opts.dtype(at::kByte));
+    launch.workspace = launch.keep_alive[0].data_ptr();
+    return launch;
   }
-  if (seen) {
-    keep_alive[2] = at::empty({B, V}, opts.dtype(at::kByte));
-    scratch.seen = keep_alive[2].data_ptr<uint8_t>();
+  if (processes) {
+    launch.keep_alive[1] = at::empty({B, V}, opts.dtype(at::kFloat));
+    launch.keep_alive[2] = at::empty({B, V}, opts.dtype(at::kDouble));
+    launch.scratch.values = launch.keep_alive[1].data_ptr<float>();
+    launch.scratch.weights = launch.keep_alive[2].data_ptr<double>();
   }
-  return scratch;
+  if (params != nullptr && params->repetition_penalty != 1.0f) {
+    launch.keep_alive[3] = at::empty({B, V}, opts.dtype(at::kByte));
+    launch.scratch.seen = launch.keep_alive[3].data_ptr<uint8_t>();
+  }
+  return launch;
 }
 
 std::tuple<Tensor, Tensor> verify_greedy_cuda(const Tensor& target_logits, const Tensor& draft_tokens) {
@@ -87,11 +91,9 @@ std::tuple<Tensor, Tensor> verify_greedy_cuda(const Tensor& target_logits, const
   Tensor out = at::empty({a.B, a.K}, a.draft.options());
   Tensor num_accepted = at::empty({a.B}, a.draft.options());
   Tensor status = at::zeros({a.B}, a.draft.options().dtype(at::kInt));
-  Tensor workspace_tensor;
-  void* workspace;
-  const cuda::SplitPlan plan = make_plan(a.B, a.K, a.V, false, a.logits.device(), &workspace_tensor, &workspace);
+  const Launch launch = make_launch(a.B, a.K, a.V, a.logits.device(), nullptr);
   const cudaError_t err = cuda::launch_verify_greedy(
-      a.logits.data_ptr<float>(), a.draft.data_ptr<int64_t>(), a.B, a.K - 1, a.V, plan, workspace,
+      a.logits.data_ptr<float>(), a.draft.data_ptr<int64_t>(), a.B, a.K - 1, a.V, launch.plan, launch.workspace,
       out.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
       c10::cuda::getCurrentCUDAStream().stream());
   finish(op, err, status);
@@ -106,13 +108,11 @@ std::tuple<Tensor, Tensor> verify_sample_cuda(const Tensor& target_probs, const 
   Tensor out = at::empty({a.B, a.K}, a.draft.options());
   Tensor num_accepted = at::empty({a.B}, a.draft.options());
   Tensor status = at::zeros({a.B}, a.draft.options().dtype(at::kInt));
-  Tensor workspace_tensor;
-  void* workspace;
-  const cuda::SplitPlan plan = make_plan(a.B, a.K, a.V, false, a.p.device(), &workspace_tensor, &workspace);
+  const Launch launch = make_launch(a.B, a.K, a.V, a.p.device(), nullptr);
   const cudaError_t err = cuda::launch_verify_sample(
       a.p.data_ptr<float>(), ptr_or_null<float>(a.q), a.draft.data_ptr<int64_t>(), a.u.data_ptr<double>(), a.B,
-      a.K - 1, a.V, a.p_tol, a.q_tol, plan, workspace, out.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(),
-      status.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
+      a.K - 1, a.V, a.p_tol, a.q_tol, launch.plan, launch.workspace, out.data_ptr<int64_t>(),
+      num_accepted.data_ptr<int64_t>(), status.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
   finish(op, err, status);
   return {out, num_accepted};
 }
@@ -126,17 +126,10 @@ Tensor process_logits_cuda(const Tensor& logits, const c10::optional<Tensor>& pr
   const c10::cuda::CUDAGuard guard(a.logits.device());
   Tensor out = at::empty({a.B, a.K, a.V}, a.logits.options());
   Tensor status = at::zeros({a.B}, a.logits.options().dtype(at::kInt));
-  Tensor workspace_tensor;
-  void* workspace;
-  const cuda::SplitPlan plan =
-      make_plan(a.B, a.K, a.V, a.params.do_sample, a.logits.device(), &workspace_tensor, &workspace);
-  Tensor keep_alive[3];  // one-block path scratch, only when that path runs
-  const bool one_block = plan.splits == 0;
-  const cuda::RowScratch scratch = make_scratch(a.B, a.V, a.logits.device(), one_block && a.params.do_sample,
-                                                one_block && a.params.repetition_penalty != 1.0f, keep_alive);
+  const Launch launch = make_launch(a.B, a.K, a.V, a.logits.device(), &a.params);
   const cudaError_t err = cuda::launch_process_logits(
       a.logits.data_ptr<float>(), ptr_or_null<int64_t>(a.prev), a.L, ptr_or_null<int64_t>(a.draft), a.B, a.K, a.V,
-      a.params, scratch, plan, workspace, out.data_ptr<float>(), status.data_ptr<int32_t>(),
+      a.params, launch.scratch, launch.plan, launch.workspace, out.data_ptr<float>(), status.data_ptr<int32_t>(),
       c10::cuda::getCurrentCUDAStream().stream());
   finish(op, err, status);
   return out;
@@ -154,18 +147,11 @@ std::tuple<Tensor, Tensor> fused_verify_cuda(const Tensor& target_logits, const 
   Tensor out = at::empty({a.B, a.K}, a.draft.options());
   Tensor num_accepted = at::empty({a.B}, a.draft.options());
   Tensor status = at::zeros({a.B}, a.draft.options().dtype(at::kInt));
-  Tensor workspace_tensor;
-  void* workspace;
-  const cuda::SplitPlan plan =
-      make_plan(a.B, a.K, a.V, a.params.do_sample, a.logits.device(), &workspace_tensor, &workspace);
-  Tensor keep_alive[3];  // one-block path scratch, only when that path runs
-  const bool one_block = plan.splits == 0;
-  const cuda::RowScratch scratch = make_scratch(a.B, a.V, a.logits.device(), one_block && a.params.do_sample,
-                                                one_block && a.params.repetition_penalty != 1.0f, keep_alive);
+  const Launch launch = make_launch(a.B, a.K, a.V, a.logits.device(), &a.params);
   const cudaError_t err = cuda::launch_fused_verify(
       a.logits.data_ptr<float>(), a.draft.data_ptr<int64_t>(), ptr_or_null<float>(a.q), ptr_or_null<int64_t>(a.prev),
-      a.L, ptr_or_null<double>(a.u), a.B, a.K - 1, a.V, a.params, a.q_tol, scratch, plan, workspace,
-      out.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
+      a.L, ptr_or_null<double>(a.u), a.B, a.K - 1, a.V, a.params, a.q_tol, launch.scratch, launch.plan,
+      launch.workspace, out.data_ptr<int64_t>(), num_accepted.data_ptr<int64_t>(), status.data_ptr<int32_t>(),
       c10::cuda::getCurrentCUDAStream().stream());
   finish(op, err, status);
   return {out, num_accepted};
