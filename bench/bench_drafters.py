@@ -27,6 +27,8 @@ import time
 import pytest
 import torch
 
+from shapes import FLAN_T5_BASE, t5_shaped
+
 from fastspec import introspect, ops
 
 ROUNDS = int(os.environ.get("FASTSPEC_BENCH_ROUNDS", "15"))
@@ -229,17 +231,11 @@ def _drafter_lineup(target, train_refs, layer_skip_layers: int, total_layers: in
 
 
 def test_cost_per_step_flan_t5_base_shaped(benchmark, t5_data):
-    from transformers import T5Config, T5ForConditionalGeneration
-
     from fastspec.cache import new_cache
     from fastspec.drafters.base import DraftRequest
 
     sources, refs, train_refs = t5_data
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
-                      num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
-                      eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
-    target = T5ForConditionalGeneration(config).eval()
+    target = t5_shaped(**FLAN_T5_BASE)
     src = torch.tensor([sources[0][:128]])
     mask = torch.ones_like(src)
     generated = torch.tensor([refs[0][:24]])

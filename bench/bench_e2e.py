@@ -23,6 +23,8 @@ import statistics
 import pytest
 import torch
 
+from shapes import FLAN_T5_BASE, t5_shaped
+
 from fastspec import report
 from fastspec import introspect
 from fastspec.data import encode_prompts
@@ -199,24 +201,13 @@ def test_e2e_smollm2(benchmark, smollm2, aclsum_prompts, smollm2_drafters, mode)
         assert all(r.get("identical") is not False for r in rows), [r["name"] for r in rows if r.get("identical") is False]
 
 
-def flan_t5_base_shaped():
-    """FLAN-T5-base architecture (d_model 768, 12+12 layers, gated-gelu, untied head), random weights."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12,
-                      num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                      decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(config).eval()
-
-
 def test_e2e_flan_t5_base_shaped(benchmark):
     from fastspec.drafters.oracle import OracleDrafter
     from fastspec.drafters.random_drafter import RandomDrafter
     from fastspec.targets import load_t5_tokenizer
     from fastspec.data import load_examples
 
-    model = flan_t5_base_shaped()
+    model = t5_shaped(**FLAN_T5_BASE)
     tokenizer = load_t5_tokenizer()
     examples = load_examples("aclsum", split="test", limit=NUM_PROMPTS)
     prompts = encode_prompts(tokenizer, model, [e.source for e in examples], max_source_length=512)

@@ -17,6 +17,8 @@ import time
 import pytest
 import torch
 
+from shapes import FLAN_T5_BASE, t5_shaped
+
 import fastspec
 from fastspec.drafters import OracleDrafter
 
@@ -34,17 +36,9 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def t5_base_shaped():
-    from transformers import T5Config, T5ForConditionalGeneration
-
     from fastspec.targets import load_t5_tokenizer
 
-    config = T5Config(
-        vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=LAYERS, num_decoder_layers=LAYERS,
-        num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
-        eos_token_id=1, pad_token_id=0, dropout_rate=0.0,
-    )
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(config).eval()
+    model = t5_shaped(**dict(FLAN_T5_BASE, layers=LAYERS))
     enc = load_t5_tokenizer()(TEXT, return_tensors="pt")
     return model, enc["input_ids"], enc["attention_mask"]
 

@@ -16,6 +16,8 @@ import time
 import torch
 
 from fastspec import precision
+from shapes import FLAN_T5_BASE, t5_shaped
+
 from fastspec.cache import cache_kwarg, cache_length, crop_cache, new_cache
 
 REPEATS = int(os.environ.get("FASTSPEC_BENCH_REPEATS", "7"))
@@ -76,19 +78,7 @@ def test_r_per_gamma_smollm2(benchmark):
 
 
 def _t5_base_shaped(dtype):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=LAYERS, num_decoder_layers=LAYERS,
-                      num_heads=12, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                      decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
-    with torch.device("meta"):
-        model = T5ForConditionalGeneration(config)
-    model = model.to_empty(device="cpu").to(dtype)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():  # fast random fill (a full HF init takes minutes on 2 cores)
-            param.copy_(torch.randn(param.shape, generator=generator) * (param.shape[-1] ** -0.5))
-    return model.eval()
+    return t5_shaped(**dict(FLAN_T5_BASE, layers=LAYERS), dtype=dtype, fast_init=True)
 
 
 def test_r_per_gamma_flan_t5_base_shaped(benchmark):

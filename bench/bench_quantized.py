@@ -21,6 +21,7 @@ import os
 import torch
 
 from bench_precision import _t5_base_shaped
+from shapes import T5_SMALL, t5_shaped
 from fastspec import precision, report
 from fastspec.drafters import CNNDrafter, HFDrafter, LayerSkipDrafter, LSTMDrafter
 from fastspec.drafters.feature import FeatureDrafter
@@ -33,24 +34,13 @@ KINDS = os.environ.get("FASTSPEC_BENCH_KINDS", "cnn,lstm,feature,hf,layer_skip")
 GAMMA = 5
 
 
-def _t5_small_shaped():
-    """A t5-small-shaped HF drafter (random weights), vocabulary 32128 as the target's."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=6, num_decoder_layers=6,
-                      num_heads=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                      decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, dropout_rate=0.0)
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(config).eval()
-
-
 def _float_drafters(target):
     torch.manual_seed(0)
     make = {
         "cnn": lambda: CNNDrafter.from_target(target, dim=256, num_layers=3),
         "lstm": lambda: LSTMDrafter.from_target(target, dim=256, hidden_size=256),
         "feature": lambda: FeatureDrafter.from_target(target),
-        "hf": lambda: HFDrafter(_t5_small_shaped()),
+        "hf": lambda: HFDrafter(t5_shaped(**T5_SMALL)),
         "layer_skip": lambda: LayerSkipDrafter(target, 1),
     }
     return {kind: make[kind]() for kind in KINDS}
