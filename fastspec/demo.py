@@ -38,7 +38,7 @@ from fastspec.data import load_examples
 from fastspec.distill.feature import FeatureTrainConfig, train_feature_drafter
 from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset, load_pseudo_dataset
 from fastspec.distill.trainer import TrainConfig, fit_ngram_drafter, stamp_training, train_drafter, training_metadata
-from fastspec.drafters import CommitInfo, EnsembleDrafter, LSTMDrafter, PromptLookupDrafter
+from fastspec.drafters import EnsembleDrafter, LSTMDrafter, PromptLookupDrafter
 from fastspec.errors import UserError
 from fastspec.eval import AR_NAME, Decoder, compare, decode_texts, hf_generate_decoder, load_workload
 from fastspec.targets import SMOLLM2
@@ -167,11 +167,6 @@ def train_or_load_lstm(target, records: List[dict], pseudo_dir: str, size: DemoS
     return drafter, folder, False
 
 
-def engine_feeds_features() -> bool:
-    """True once the engine implements the feature protocol (CommitInfo.hidden_states)."""
-    return "hidden_states" in getattr(CommitInfo, "__dataclass_fields__", {})
-
-
 def train_feature(target, records: List[dict], size: DemoSize, seed: int, dtype, progress: bool):
     """Step 3b: the EAGLE-style feature drafter on the pseudo-dataset (the target's own outputs),
     trained for ``size.feature_budget_s`` seconds, then run in the target's dtype."""
@@ -252,10 +247,7 @@ def main(args) -> int:
     drafters["ensemble"] = EnsembleDrafter(list(drafters.values()), names=list(drafters))
 
     feature_note = "off (--feature_budget_s 0)"
-    if size.feature_budget_s > 0 and not engine_feeds_features():
-        feature_note = "feature drafter: needs engine support (the engine does not pass hidden states yet)"
-        print(f"   {feature_note}", flush=True)
-    elif size.feature_budget_s > 0:
+    if size.feature_budget_s > 0:
         t = _step(f"3b/6 feature drafter (EAGLE-style), trained on the target's features for {size.feature_budget_s:.0f}s")
         feature = train_feature(target, records, size, args.seed, dtype, progress)
         drafters[FEATURE_NAME] = feature

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from fastspec.demo import engine_feeds_features
 from fastspec_subprocess import PACKAGE_ROOT as REPO, subprocess_env  # the fastspec under test
 DRAFTER_ROWS = ["n-gram (pseudo)", "prompt lookup", "prompt lookup + n-gram", "LSTM (KD)", "ensemble"]
 FEATURE_ROWS = ["feature (EAGLE)", "prompt lookup + feature"]
@@ -32,13 +31,10 @@ def test_demo_quick_end_to_end(tmp_path):
 
     results = json.load(open(out / "results.json"))
     rows = {r["name"]: r for r in results["rows"]}
-    features = engine_feeds_features()
-    drafter_rows = DRAFTER_ROWS + (FEATURE_ROWS if features else [])
+    drafter_rows = DRAFTER_ROWS + FEATURE_ROWS
     assert ["autoregressive", "HF generate"] + drafter_rows == [r["name"] for r in results["rows"]]
     settings = results["settings"]
     assert settings["dtype"] in ("float32", "bfloat16") and f"{settings['dtype']} " in proc.stdout
-    if not features:
-        assert "feature drafter: needs engine support" in proc.stdout
     # greedy speculative outputs are token-for-token those of AR (in bf16: or part at a near-tie)
     exact = settings["dtype"] == "float32"
     for r in results["rows"] + results["gamma_sweep"]["rows"]:
@@ -91,14 +87,12 @@ def test_demo_on_local_target_writes_report(tiny_saved_target, tmp_path, monkeyp
     out = tmp_path / "demo"
     assert demo.main(_demo_args(tiny_saved_target, out)) == 0
     results = json.load(open(out / "results.json"))
-    feature_rows = FEATURE_ROWS if engine_feeds_features() else []
-    assert [r["name"] for r in results["rows"]] == ["autoregressive"] + DRAFTER_ROWS + feature_rows
+    assert [r["name"] for r in results["rows"]] == ["autoregressive"] + DRAFTER_ROWS + FEATURE_ROWS
     assert all(r["identical"] is True for r in results["rows"])
     assert results["settings"]["dtype"] == "float32"
-    if feature_rows:
-        assert results["settings"]["feature drafter"].split()[0].isdigit()  # "<steps> steps in ..."
-        report = (out / "report.md").read_text()
-        assert "| prompt lookup + feature |" in report and "token agreement" in report
+    assert results["settings"]["feature drafter"].split()[0].isdigit()  # "<steps> steps in ..."
+    report = (out / "report.md").read_text()
+    assert "| prompt lookup + feature |" in report and "token agreement" in report
     assert _is_png(out / "per_position_acceptance.png") and _is_png(out / "speedup_vs_gamma.png")
     assert (out / "pseudo" / "pseudo.jsonl").exists()
 

@@ -16,8 +16,6 @@ from fastspec.drafters.base import CommitInfo, DraftOutput, Drafter, DraftReques
 from fastspec.drafters.feature import FeatureDrafter
 from test_feature_drafter import one_thread  # noqa: F401  (autouse: one torch thread)
 
-FEATURES_LANDED = "hidden_states" in getattr(CommitInfo, "__dataclass_fields__", {})
-
 
 
 
@@ -185,8 +183,6 @@ def test_wrong_q_for_lookup_rows_fails_the_same_test(tiny_vocab_llama, monkeypat
     assert stat > 3 * sampling_test._chi2_critical(dof), (stat, dof)
 
 
-@pytest.mark.skipif(not FEATURES_LANDED, reason="the engine does not feed features yet "
-                    "(CommitInfo.hidden_states missing): the feature fallback needs the engine's protocol")
 @pytest.mark.parametrize("target", ["tiny_llama", "tiny_t5"])
 def test_greedy_hybrid_with_feature_fallback_equals_autoregressive(request, target):
     model = request.getfixturevalue(target)
