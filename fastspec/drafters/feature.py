@@ -17,7 +17,7 @@ The head covers a shortlist of target ids (``shortlist_ids``, the draft→target
 on the FULL vocabulary (0 outside the shortlist) via ``ops.process_logits`` of the logits with −inf
 outside the shortlist, with the target's processing, so speculative sampling stays exact.
 
-Feature protocol (the engine implements it; the drafter reads it with ``getattr``):
+Feature protocol (fields of :mod:`fastspec.drafters.base`, filled by the engine):
 
 * ``Drafter.hidden_state_layers: Optional[tuple] = None`` (None = no features wanted, so other
   drafters pay nothing). A FeatureDrafter sets e.g. ``(-1,)`` or ``(2, 15, 27)``: indices into HF's
@@ -276,11 +276,6 @@ def _num_decoder_layers(model) -> int:
     raise UserError(f"cannot tell how many decoder layers {type(model).__name__} has")
 
 
-def _getter(obj, name):
-    # protocol fields that the committed base.py does not declare yet (see the module docstring)
-    return getattr(obj, name, None)
-
-
 class FeatureDrafter(Drafter):
     """EAGLE-style drafter over the target's hidden states (see the module docstring).
 
@@ -309,8 +304,8 @@ class FeatureDrafter(Drafter):
             raise UserError(f"feature drafter vocabulary {self.vocab_size} != target vocabulary {request.vocab_size}")
         model = self.model
         self._device = model.fc.weight.device
-        batch = int(_getter(request, "batch_size") or request.source_ids.shape[0])
-        encoder = _getter(request, "encoder_hidden_states")
+        batch = int(request.batch_size)
+        encoder = request.encoder_hidden_states
         if model.arch == "t5":
             if encoder is None:
                 raise UserError("a seq2seq feature drafter needs DraftRequest.encoder_hidden_states")
@@ -320,9 +315,9 @@ class FeatureDrafter(Drafter):
         else:
             self._encoder = self._encoder_mask = None
         # the row's decoder sequence: causal prompt, or the seq2seq decoder prompt / start token
-        decoder_prompt = _getter(request, "decoder_prompt_ids")
+        decoder_prompt = request.decoder_prompt_ids
         if request.is_encoder_decoder and decoder_prompt is not None:
-            prompt_mask = _getter(request, "decoder_prompt_mask")
+            prompt_mask = request.decoder_prompt_mask
             if prompt_mask is None:
                 prompt_mask = torch.ones_like(decoder_prompt)
             seq, lengths = left_align(decoder_prompt, prompt_mask)
@@ -409,7 +404,7 @@ class FeatureDrafter(Drafter):
             self._slot_pos = self._slot_pos[:, :width]
             self._drafted = 0
         self._append_tokens(info)
-        hidden, num_hidden = _getter(info, "hidden_states"), _getter(info, "num_hidden")
+        hidden, num_hidden = info.hidden_states, info.num_hidden
         if hidden is None or num_hidden is None:
             raise UserError("FeatureDrafter needs an engine that passes CommitInfo.hidden_states/num_hidden "
                             f"(it asks for hidden_state_layers={self.hidden_state_layers})")
