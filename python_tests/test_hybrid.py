@@ -194,3 +194,43 @@ def test_greedy_hybrid_with_feature_fallback_equals_autoregressive(request, targ
     assert hybrid.hidden_state_layers == (-1,)
     out = fastspec.generate(model, hybrid, ids, mask, gamma=4, max_new_tokens=24, do_sample=False)
     assert torch.equal(out.sequences, ar.sequences)
+
+
+def _recording(drafter):
+    """Wrap ``drafter.draft`` (on the instance) to record every draft's tokens."""
+    drafts, draft = [], drafter.draft
+
+    def record(step):
+        out = draft(step)
+        drafts.append(out.tokens.cpu().clone())
+        return out
+
+    drafter.draft = record
+    return drafts
+
+
+@pytest.mark.parametrize("fallback", ["feature", "layer_skip"])
+def test_saved_hybrid_reloads_with_its_target(tiny_llama, tmp_path, fallback):
+    from fastspec.drafters import LayerSkipDrafter
+    from fastspec.drafters.io import load_drafter
+    from fastspec.errors import UserError
+
+    model = tiny_llama
+    ids, mask = _prompts(3001, seed=11)
+    ar = fastspec.generate(model, None, ids, mask, max_new_tokens=24, do_sample=False)
+    inner = FeatureDrafter.from_target(model) if fallback == "feature" else LayerSkipDrafter(model, 1)
+    hybrid = PromptLookupDrafter(max_n=3, min_n=2, fallback=inner)
+    hybrid.save(str(tmp_path / "hybrid"))
+    loaded = load_drafter(str(tmp_path / "hybrid"), target=model)
+    assert isinstance(loaded, PromptLookupDrafter) and isinstance(loaded.fallback, type(inner))
+    assert (loaded.max_n, loaded.min_n, loaded.hidden_state_layers) == (3, 2, hybrid.hidden_state_layers)
+    outs, drafts = [], []
+    for d in (hybrid, loaded):
+        drafts.append(_recording(d))
+        outs.append(fastspec.generate(model, d, ids, mask, gamma=4, max_new_tokens=24, do_sample=False))
+    assert torch.equal(outs[0].sequences, ar.sequences) and torch.equal(outs[1].sequences, ar.sequences)
+    assert len(drafts[0]) == len(drafts[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*drafts))
+    with pytest.raises(UserError, match=f"a {fallback.replace('_', '-')} drafter needs its target") as err:
+        load_drafter(str(tmp_path / "hybrid"))
+    assert "\n" not in str(err.value) and "fallback" in str(err.value)

@@ -66,9 +66,12 @@ def load_drafter(folder: str, target=None, dtype=None):
         raise UserError(f"{folder}: no such drafter folder (missing checkpoint)")
     want = _drafter_dtype(dtype, target)
     kind = canonical_kind(read_config(folder)["kind"])
+    needy = None if target is not None else needs_target(folder)
+    if needy is not None:
+        inside = "" if needy[0] == folder else f" (its member {needy[0]} is one)"
+        raise UserError(f"{folder}: a {needy[1].replace('_', '-')} drafter needs its target{inside}: "
+                        "load_drafter(folder, target=...)")
     if kind == "layer_skip":
-        if target is None:
-            raise UserError(f"{folder}: a layer-skip drafter needs its target (load_drafter(folder, target=...))")
         drafter = layer_skip.LayerSkipDrafter.load(folder, introspect.hf_model(target))
     elif kind == "ensemble":
         config, _ = load_folder(folder, "ensemble")
@@ -76,9 +79,10 @@ def load_drafter(folder: str, target=None, dtype=None):
         drafter = ensemble.EnsembleDrafter.from_config(config, members, folder)
         want = None  # the members are cast or quantized already
     elif kind == "feature":
-        if target is None:
-            raise UserError(f"{folder}: a feature drafter needs its target (load_drafter(folder, target=...))")
         drafter = feature.FeatureDrafter.load(folder, introspect.hf_model(target))
+    elif kind == "prompt_lookup":  # a hybrid's fallback is loaded (cast, quantized) by this function
+        drafter = prompt_lookup.PromptLookupDrafter.load(folder, target=target, dtype=dtype)
+        want = None
     elif kind in _drafter_classes():
         drafter = _drafter_classes()[kind].load(folder)
     else:
@@ -96,6 +100,26 @@ def load_drafter(folder: str, target=None, dtype=None):
                       f"{_name(want)}: cast the drafter to {_name(want)}", file=sys.stderr)
             weights.to(want)
     return drafter
+
+
+TARGET_KINDS = ("layer_skip", "feature")  # drafters built on the target's own modules or features
+
+
+def needs_target(folder: str) -> Optional[tuple]:
+    """(sub-folder, kind) of the first drafter in ``folder`` (itself, an ensemble member or a hybrid's
+    fallback, at any depth) that can only be loaded with its target; None when none needs it."""
+    meta = read_config(folder)
+    kind, config = canonical_kind(meta["kind"]), meta.get("config") or {}
+    if kind in TARGET_KINDS:
+        return folder, kind
+    subs = list(config.get("drafters") or []) if kind == "ensemble" else []
+    if kind == "prompt_lookup" and config.get("fallback"):
+        subs.append(config["fallback"])
+    for sub in subs:
+        found = needs_target(os.path.join(folder, sub))
+        if found is not None:
+            return found
+    return None
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -140,7 +164,8 @@ def quantize_drafter(drafter):
     * HFDrafter: every Linear of the drafter model (lm_head included);
     * LayerSkipDrafter: a float32 copy of only the drafter's first k layers, final norm and LM
       head is quantized; the target's own modules are never touched (nor quantized);
-    * ensemble: each member; n-gram and prompt lookup have no weights and are returned as they are.
+    * ensemble: each member; a prompt-lookup hybrid: its fallback; n-gram and prompt lookup alone have
+      no weights and are returned as they are.
 
     The engine verifies every draft with the target, so outputs stay lossless whatever the drafter.
     """
@@ -164,6 +189,9 @@ def quantize_drafter(drafter):
     elif isinstance(drafter, ensemble.EnsembleDrafter):
         out = copy.copy(drafter)
         out.drafters = [quantize_drafter(d) for d in drafter.drafters]
+    elif isinstance(drafter, prompt_lookup.PromptLookupDrafter) and drafter.fallback is not None:
+        out = copy.copy(drafter)  # the hybrid: its fallback is quantized, the lookup has no weights
+        out.fallback = quantize_drafter(drafter.fallback)
     elif isinstance(drafter, (ngram.NgramDrafter, prompt_lookup.PromptLookupDrafter)):
         return drafter
     else:
@@ -208,5 +236,5 @@ def check_vocabulary(drafter, target, where: Optional[str] = None) -> None:
         raise UserError(f"{where or type(drafter).__name__}: wrong vocab: the drafter has {theirs} tokens, the target {ours}")
 
 
-__all__ = ["load_drafter", "quantize_drafter", "DRAFTER_DTYPES", "check_vocabulary", "save_folder", "load_folder", "read_config", "update_config",
+__all__ = ["load_drafter", "needs_target", "quantize_drafter", "DRAFTER_DTYPES", "check_vocabulary", "save_folder", "load_folder", "read_config", "update_config",
            "file_sha256"]

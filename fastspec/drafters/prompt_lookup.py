@@ -257,8 +257,9 @@ class PromptLookupDrafter(Drafter):
         save_folder(folder, "prompt_lookup", config)
 
     @classmethod
-    def load(cls, folder: str, target=None, **kwargs) -> "PromptLookupDrafter":
-        """``target``: passed on to the fallback's loader (feature and layer-skip fallbacks need it)."""
+    def load(cls, folder: str, target=None, dtype=None, **kwargs) -> "PromptLookupDrafter":
+        """``target``/``dtype``: passed on to the fallback's loader (:func:`~fastspec.drafters.io.load_drafter`;
+        feature and layer-skip fallbacks need the target)."""
         import os
 
         from fastspec.drafters.io import load_drafter
@@ -268,7 +269,7 @@ class PromptLookupDrafter(Drafter):
             max_n, min_n = int(config["max_n"]), int(config["min_n"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"corrupted prompt-lookup config in {folder!r}: {e}") from None
-        fallback = load_drafter(os.path.join(folder, config["fallback"]), target) if config.get("fallback") else None
+        fallback = load_drafter(os.path.join(folder, config["fallback"]), target, dtype) if config.get("fallback") else None
         return cls(max_n=max_n, min_n=min_n, fallback=fallback, **kwargs)
 
 
