@@ -1,6 +1,6 @@
 """The ``fastspec`` command line (console script ``fastspec = fastspec.cli:main``).
 
-Subcommands: ``train``, ``pseudo``, ``eval``, ``generate``, ``bench``, ``demo``. Flag names
+Subcommands: ``train``, ``pseudo``, ``eval``, ``generate``, ``bench``, ``demo``, ``experiment``. Flag names
 mirror the seed project's ``run.py`` (``--drafter --exp_name --loss --kd_loss --kd_temp
 --distill_method --ngram_n --pseudo_dataset_path``; ``eval --ckpt_path --device``).
 
@@ -21,12 +21,13 @@ import torch
 
 from fastspec import demo, engine, introspect, report
 from fastspec import eval as evaluation
+from fastspec.eval import experiment
 from fastspec.data import encode_prompts, encode_references, load_examples
 from fastspec.distill.distributed import init_distributed, shutdown
 from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset
 from fastspec.distill.students import DRAFTER_KINDS
 from fastspec.distill.students import TrainingError
-from fastspec.distill.train_cli import train_from_cli
+from fastspec.distill.train_cli import check_feature_flags, train_from_cli
 from fastspec.drafters.io import load_drafter
 from fastspec.errors import UserError
 from fastspec.flags import (add_data_flags, add_drafter_dtype_flag, add_sampling_flags, add_target_flags, check_flags,
@@ -72,7 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature drafter: train on the target's own outputs (--pseudo_dataset_path, else generated), "
                    "or teacher-forced references/sources (no generation)")
     t.add_argument("--unroll", type=int, default=3, help="feature drafter: unrolled steps (weights 0.8^i)")
-    t.add_argument("--shortlist", type=int, default=8192, help="feature drafter: draft-vocabulary shortlist size")
+    t.add_argument("--unroll_ramp", type=float, default=0.0,
+                   help="feature drafter: the first fraction of the run (of --max_steps or --time_budget_s) trains "
+                   "1 unrolled step only")
+    t.add_argument("--shortlist", type=int, default=None,
+                   help="draft-vocabulary shortlist: the head scores only the N most frequent target tokens "
+                   "(feature drafter: default 8192; cnn/lstm: default 0 = the full vocabulary)")
+    t.add_argument("--feature_layers", default="-1",
+                   help="feature drafter: the target's hidden_states it reads, comma-separated indices "
+                   "(-1 = the last layer), or 'eagle3' (layers 2, L/2, L-3 fused)")
+    t.add_argument("--context_window", type=int, default=32,
+                   help="feature drafter: earlier positions kept before each row's output in a training window "
+                   "(-1 = whole sequences)")
+    t.add_argument("--topk", type=int, default=32,
+                   help="feature drafter: the target's top-k logits kept per position for the token loss")
+    t.add_argument("--lr_schedule", default="constant", choices=("constant", "linear", "cosine"),
+                   help="feature drafter: after warm-up, keep --lr or decay it (linear/cosine) to --min_lr_ratio × --lr")
+    t.add_argument("--min_lr_ratio", type=float, default=0.1, help="feature drafter: the decayed lr's floor, × --lr")
+    t.add_argument("--time_budget_s", type=float, default=None,
+                   help="feature drafter: stop training after this many seconds (and at --max_steps, whichever first)")
     t.add_argument("--init_from", default=None, help="t5small/hf: a local HF folder to start from (the drafter model)")
     t.add_argument("--drafter_config", default="{}",
                    help='JSON of drafter architecture options, e.g. \'{"hidden_size": 256, "num_layers": 1}\'')
@@ -111,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- eval / demo (their flags live with them)
     for name, module, text in (("eval", evaluation, "α, τ, speed and ROUGE of drafters vs autoregressive decoding"),
-                               ("demo", demo, "the whole product offline on SmolLM2 + aclsum")):
+                               ("demo", demo, "the whole product offline on SmolLM2 + aclsum"),
+                               ("experiment", experiment, "experiments: `experiment distill` = baseline vs distilled α "
+                                "for every drafter and method, with bootstrap CIs")):
         module.add_arguments(sub.add_parser(name, help=text, description=text))
 
     # ---- generate
@@ -183,6 +204,14 @@ def cmd_train(args) -> int:
         raise TrainingError(f"--pseudo_dataset_path {args.pseudo_dataset_path}: no such folder")
     if args.resume and not os.path.isdir(os.path.join(args.output_root, args.exp_name, "checkpoints")):
         raise TrainingError(f"--resume: no checkpoint in {os.path.join(args.output_root, args.exp_name)}")
+    if args.drafter == "feature":
+        check_feature_flags(args)
+    elif args.shortlist is not None:
+        if args.drafter not in ("cnn", "lstm"):
+            raise TrainingError(f"--shortlist applies to --drafter feature/cnn/lstm, not {args.drafter}")
+        if args.shortlist < 0:
+            raise TrainingError(f"--shortlist must be >= 0 (0 = the full vocabulary), got {args.shortlist}")
+        drafter_kwargs["shortlist"] = args.shortlist
     return train_from_cli(args, drafter_kwargs)
 
 
@@ -244,6 +273,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "eval": evaluation.main,
     "demo": demo.main,
+    "experiment": experiment.main,
 }
 
 

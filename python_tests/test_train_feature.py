@@ -64,3 +64,49 @@ def test_teacher_forced_data_needs_no_generation(target_dir, tmp_path, kind, mon
 def test_sequence_level_methods_are_user_errors(target_dir, tmp_path, capsys):  # noqa: F811
     assert _train(target_dir, tmp_path, "bad", "--max_steps", "1", "--distill_method", "seq_kd") == 2
     assert "--drafter feature takes --distill_method" in capsys.readouterr().err
+
+
+def test_training_options_reach_the_trainer_and_the_metadata(target_dir, tmp_path, monkeypatch):  # noqa: F811
+    import fastspec.distill.train_cli as train_cli
+
+    seen = {}
+    real = train_cli.train_feature_drafter
+
+    def spy(target, pairs, config):
+        seen["config"] = config
+        return real(target, pairs, config)
+
+    monkeypatch.setattr(train_cli, "train_feature_drafter", spy)
+    assert _train(target_dir, tmp_path, "opts", "--max_steps", "3", "--feature_data", "references",
+                  "--context_window", "4", "--lr_schedule", "cosine", "--min_lr_ratio", "0.2", "--unroll_ramp", "0.5",
+                  "--time_budget_s", "600", "--topk", "8", "--feature_layers", "0,-1") == 0
+    config = seen["config"]
+    assert (config.context_window, config.lr_schedule, config.min_lr_ratio, config.unroll_ramp) == (4, "cosine", 0.2, 0.5)
+    assert (config.time_budget_s, config.topk, config.feature_layers) == (600.0, 8, (0, -1))
+    folder = tmp_path / "opts" / "drafter"
+    training = json.load(open(folder / "config.json"))["config"]["training"]
+    assert training["context_window"] == 4 and training["lr_schedule"] == "cosine" and training["min_lr_ratio"] == 0.2
+    assert training["unroll_ramp"] == 0.5 and training["time_budget_s"] == 600 and training["topk"] == 8
+    assert training["feature_layers"] == [0, -1] and training["steps"] == 3
+    target, _ = load_target_and_tokenizer(target_dir)
+    assert FeatureDrafter.load(str(folder), target=target).hidden_state_layers == (0, -1)
+    # -1: whole sequences (no window); the defaults are FeatureTrainConfig's
+    assert _train(target_dir, tmp_path, "whole", "--max_steps", "1", "--feature_data", "references",
+                  "--context_window", "-1") == 0
+    assert seen["config"].context_window is None and seen["config"].lr_schedule == "constant"
+    assert seen["config"].shortlist_size == 64 and seen["config"].topk == 32
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--context_window", "-2"], "--context_window must be >= 0, or -1"),
+    (["--topk", "0"], "--topk must be >= 1"),
+    (["--min_lr_ratio", "1.5"], "--min_lr_ratio must be in [0, 1]"),
+    (["--unroll_ramp", "1"], "--unroll_ramp must be in [0, 1)"),
+    (["--time_budget_s", "0"], "--time_budget_s must be > 0"),
+    (["--feature_layers", "2,x"], "--feature_layers '2,x': give comma-separated"),
+    (["--feature_layers", "5"], "hidden_states are indexed -2..1"),
+])
+def test_bad_training_options_are_one_line_errors(target_dir, tmp_path, capsys, flags, message):  # noqa: F811
+    assert _train(target_dir, tmp_path, "bad", "--max_steps", "1", "--feature_data", "references", *flags) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("fastspec train: error: ") and message in errors[0], errors

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import time
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from fastspec import introspect
 from fastspec.data import encode_prompts, encode_references, load_examples
@@ -16,6 +16,8 @@ from fastspec.distill.losses import DIVERGENCES
 from fastspec.distill.pseudo import load_pseudo_dataset
 from fastspec.distill.students import TrainingError
 from fastspec.distill.trainer import TrainConfig, stamp_training, train_drafter
+from fastspec.drafters.feature import _num_decoder_layers as num_decoder_layers
+from fastspec.drafters.feature import eagle3_layers
 from fastspec.files import atomic_write_text
 from fastspec.targets import load_target_and_tokenizer
 
@@ -56,6 +58,47 @@ def feature_pairs(target, records: Sequence[dict], kind: str, *, max_new_tokens:
     return [(s[:1], s[1:]) for s in sources if len(s) > 1]
 
 
+def check_feature_flags(args) -> None:
+    """``fastspec train --drafter feature``'s own flags, checked before anything loads (one-line errors)."""
+    if args.distill_method not in DIVERGENCES:
+        raise TrainingError(f"--drafter feature takes --distill_method {'/'.join(DIVERGENCES)}, "
+                            f"not {args.distill_method!r}")
+    if args.unroll < 1:
+        raise TrainingError(f"--unroll must be >= 1, got {args.unroll}")
+    if args.shortlist is not None and args.shortlist < 1:
+        raise TrainingError(f"--shortlist must be >= 1 for the feature drafter, got {args.shortlist}")
+    if args.context_window < -1:
+        raise TrainingError(f"--context_window must be >= 0, or -1 for whole sequences, got {args.context_window}")
+    if args.topk < 1:
+        raise TrainingError(f"--topk must be >= 1, got {args.topk}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise TrainingError(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
+    if not 0.0 <= args.unroll_ramp < 1.0:
+        raise TrainingError(f"--unroll_ramp must be in [0, 1), got {args.unroll_ramp}")
+    if args.time_budget_s is not None and not args.time_budget_s > 0:
+        raise TrainingError(f"--time_budget_s must be > 0, got {args.time_budget_s}")
+    parse_feature_layers(args.feature_layers, None)
+
+
+def parse_feature_layers(spec: str, num_layers: Optional[int]) -> Tuple[int, ...]:
+    """``--feature_layers``: "eagle3" (needs ``num_layers``; None only checks the spelling) or
+    comma-separated hidden_states indices."""
+    text = str(spec).strip().lower()
+    if text == "eagle3":
+        return eagle3_layers(num_layers) if num_layers is not None else ()
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise TrainingError(f"--feature_layers {spec!r}: give comma-separated layer indices (e.g. -1 or 2,15,27) "
+                            "or 'eagle3'") from None
+    if len(set(layers)) != len(layers):
+        raise TrainingError(f"--feature_layers {spec!r}: a layer is repeated")
+    if num_layers is not None and any(not -(num_layers + 1) <= i <= num_layers for i in layers):
+        raise TrainingError(f"--feature_layers {spec!r}: the target's hidden_states are indexed "
+                            f"{-(num_layers + 1)}..{num_layers} ({num_layers} layers)")
+    return layers
+
+
 def train_feature_from_cli(args, target, tokenizer) -> int:
     """``fastspec train --drafter feature``: the EAGLE-style drafter of :mod:`fastspec.distill.feature`.
 
@@ -64,14 +107,16 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
     ``--num_samples``. Loss per unrolled step i (``--unroll``, weight 0.8^i): ``--loss`` × smooth L1
     on the features + w × ``--distill_method`` (fkl/rkl/jsd/tvd) at ``--kd_temp`` against the
     target's distribution on the ``--shortlist`` head, with w = ``--kd_loss`` when > 0, else EAGLE's
-    0.1. Checkpoints (atomic) in ``<out>/checkpoints``; ``--resume`` continues from the newest, a
-    run without it starts over. Pairs and features are cached in ``<out>`` for the rerun.
+    0.1. Drafter and schedule: ``--feature_layers`` (indices or eagle3), ``--topk`` teacher logits,
+    ``--context_window`` (training windows), ``--lr_schedule``/``--min_lr_ratio``, ``--unroll_ramp``,
+    ``--time_budget_s``; the saved drafter's training metadata records them all. Checkpoints
+    (atomic) in ``<out>/checkpoints``; ``--resume`` continues from the newest, a run without it
+    starts over. Pairs and features are cached in ``<out>`` for the rerun.
     """
-    if args.distill_method not in DIVERGENCES:
-        raise TrainingError(f"--drafter feature takes --distill_method {'/'.join(DIVERGENCES)}, "
-                            f"not {args.distill_method!r}")
-    if args.unroll < 1 or args.shortlist < 1:
-        raise TrainingError("--unroll and --shortlist must be >= 1")
+    check_feature_flags(args)
+    layers = parse_feature_layers(args.feature_layers, num_decoder_layers(introspect.hf_model(target)))
+    shortlist = FeatureTrainConfig.shortlist_size if args.shortlist is None else args.shortlist
+    context_window = None if args.context_window < 0 else args.context_window
     out_dir = os.path.join(args.output_root, args.exp_name)
     ckpt_dir, pairs_file = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "feature_pairs.json")
     if not args.resume:
@@ -93,7 +138,9 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
     if not pairs:
         raise TrainingError("no training sequences for the feature drafter")
     config = FeatureTrainConfig(
-        shortlist_size=args.shortlist, unroll_steps=args.unroll, feature_weight=args.loss,
+        feature_layers=layers, shortlist_size=shortlist, topk=args.topk, unroll_steps=args.unroll,
+        unroll_ramp=args.unroll_ramp, context_window=context_window, lr_schedule=args.lr_schedule,
+        min_lr_ratio=args.min_lr_ratio, time_budget_s=args.time_budget_s, feature_weight=args.loss,
         divergence=args.distill_method, divergence_weight=args.kd_loss if args.kd_loss > 0 else 0.1,
         temperature=args.kd_temp, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, batch_size=args.batch_size, max_steps=args.max_steps,
@@ -105,8 +152,12 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
     drafter.save(folder)
     meta = {"drafter": "feature", "feature_data": args.feature_data, "pseudo_dataset": args.pseudo_dataset_path,
             "loss": args.loss, "kd_loss": config.divergence_weight, "distill_method": args.distill_method,
-            "kd_temp": args.kd_temp, "unroll": args.unroll, "shortlist": drafter.train_stats["shortlist_size"],
-            "steps": drafter.train_stats["steps"], "final_loss": drafter.train_stats["final_loss"]}
+            "kd_temp": args.kd_temp, "unroll": args.unroll, "unroll_ramp": args.unroll_ramp,
+            "shortlist": drafter.train_stats["shortlist_size"], "feature_layers": list(layers), "topk": args.topk,
+            "context_window": context_window, "lr": args.lr, "lr_schedule": args.lr_schedule,
+            "min_lr_ratio": args.min_lr_ratio, "time_budget_s": args.time_budget_s,
+            "steps": drafter.train_stats["steps"], "seconds": round(drafter.train_stats["seconds"], 1),
+            "final_loss": drafter.train_stats["final_loss"]}
     stamp_training(folder, meta)
     print(f"drafter saved to {folder} ({len(pairs)} sequences, {drafter.train_stats['steps']} steps, "
           f"loss {drafter.train_stats['final_loss']:.4f}, {time.perf_counter() - started:.1f}s)")
