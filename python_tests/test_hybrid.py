@@ -234,3 +234,38 @@ def test_saved_hybrid_reloads_with_its_target(tiny_llama, tmp_path, fallback):
     with pytest.raises(UserError, match=f"a {fallback.replace('_', '-')} drafter needs its target") as err:
         load_drafter(str(tmp_path / "hybrid"))
     assert "\n" not in str(err.value) and "fallback" in str(err.value)
+
+
+def test_confirm_n_takes_a_short_match_only_where_the_fallback_agrees():
+    vocab = 100
+    hybrid = PromptLookupDrafter(max_n=2, fallback=FixedFallback(vocab), confirm_n=2)  # the fallback drafts 70 71 72
+    hybrid.begin(_request([[50, 51, 70, 53, 54, 55]] * 3, vocab))
+    # row 0: "50" (n=1) copies 51.., the fallback disagrees; row 1: "51" copies 70.., it agrees; row 2: n=2
+    generated = torch.tensor([[9, 50], [9, 51], [70, 53]])
+    out = hybrid.draft(DraftStep(generated=generated, num_generated=torch.tensor([2, 2, 2]),
+                                 active=torch.ones(3, dtype=torch.bool), gamma=3))
+    assert out.tokens.tolist() == [[70, 71, 72], [70, 53, 54], [54, 55, 53]]
+    assert hybrid.last_lookup_rows.tolist() == [False, True, True]
+    with pytest.raises(ValueError, match="commit-driven"):
+        PromptLookupDrafter(max_n=3, fallback=NgramDrafter.create(2, vocab), confirm_n=2)
+    with pytest.raises(ValueError, match="min_n < confirm_n <= max_n"):
+        PromptLookupDrafter(max_n=3, min_n=2, fallback=FixedFallback(vocab), confirm_n=2)
+
+
+@pytest.mark.parametrize("fallback", ["feature", "commit_driven"])
+@pytest.mark.parametrize("target", ["tiny_llama", "tiny_t5"])
+def test_greedy_hybrid_with_confirm_n_equals_autoregressive(request, tmp_path, target, fallback):
+    from fastspec.drafters.io import load_drafter
+
+    model = request.getfixturevalue(target)
+    ids, mask = _prompts(3001, seed=11)
+    if model.config.is_encoder_decoder:
+        ids, mask = ids.flip(1), mask.flip(1)
+    ar = fastspec.generate(model, None, ids, mask, max_new_tokens=24, do_sample=False)
+    inner = FeatureDrafter.from_target(model) if fallback == "feature" else _fallback("commit_driven", 3001)
+    hybrid = PromptLookupDrafter(max_n=3, fallback=inner, confirm_n=3)
+    out = fastspec.generate(model, hybrid, ids, mask, gamma=4, max_new_tokens=24, do_sample=False)
+    assert torch.equal(out.sequences, ar.sequences)
+    if fallback == "feature":
+        hybrid.save(str(tmp_path / "h"))
+        assert load_drafter(str(tmp_path / "h"), target=model).confirm_n == 3

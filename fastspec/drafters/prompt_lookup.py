@@ -11,7 +11,10 @@ of ``text`` and copy what follows their earliest occurrence in the source (seq2s
 ``text`` itself. Positions left without a match go to the ``fallback`` drafter (any drafter).
 
 The hybrid (``fallback=``) decides per row and per step. A row whose last n ≥ ``min_n`` tokens
-match takes the lookup draft; the other rows take the fallback's draft. Two kinds of fallback:
+match takes the lookup draft; the other rows take the fallback's draft. With ``confirm_n`` (a
+commit-driven fallback only), a short match (min_n ≤ n < confirm_n) is taken only where the
+fallback's own first draft token agrees with the lookup's first token; else the fallback's draft.
+Two kinds of fallback:
 
 * context drafters (n-gram, CNN, LSTM, HF: they draft from ``DraftStep.generated``) continue a
   partial match: they draft after ``generated + matched tokens``, so one call fills every row;
@@ -92,13 +95,21 @@ class PromptLookupDrafter(Drafter):
     Args:
         max_n / min_n: query lengths, longest tried first.
         fallback: drafter for the positions no match fills (source match first, corpus model next).
+        confirm_n: 0 (off), or matches shorter than this are taken only where a commit-driven
+            fallback's first draft token agrees (min_n < confirm_n <= max_n).
         use_native: use the C++ matcher when the extension is built (else the Python twin).
     """
 
-    def __init__(self, max_n: int = 4, min_n: int = 1, fallback: Optional[Drafter] = None, use_native: bool = True):
+    def __init__(self, max_n: int = 4, min_n: int = 1, fallback: Optional[Drafter] = None, use_native: bool = True,
+                 confirm_n: int = 0):
         if not (1 <= int(min_n) <= int(max_n)):
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
-        self.max_n, self.min_n = int(max_n), int(min_n)
+        if int(confirm_n) and not (int(min_n) < int(confirm_n) <= int(max_n)):
+            raise ValueError(f"need min_n < confirm_n <= max_n (or confirm_n=0), got confirm_n={confirm_n}, "
+                             f"min_n={min_n}, max_n={max_n}")
+        if int(confirm_n) and not getattr(fallback, "drafts_from_commits", False):
+            raise ValueError("confirm_n needs a commit-driven fallback (drafts_from_commits, e.g. the FeatureDrafter)")
+        self.max_n, self.min_n, self.confirm_n = int(max_n), int(min_n), int(confirm_n)
         self.fallback = fallback
         self.use_native = bool(use_native)
         self.vocab_size = fallback.vocab_size if fallback is not None else None
@@ -134,28 +145,32 @@ class PromptLookupDrafter(Drafter):
         if self.fallback is not None:
             self.fallback.begin(request)
 
-    def lookup(self, generated: torch.Tensor, num_generated: torch.Tensor, gamma: int):
+    def lookup(self, generated: torch.Tensor, num_generated: torch.Tensor, gamma: int, min_n: Optional[int] = None):
         """Match only: (tokens [B,γ] -1 where unmatched, num_drafted [B]) for right-padded generated."""
         gen = generated.detach().long().cpu().contiguous()
         num = num_generated.detach().long().cpu().contiguous()
+        min_n = self.min_n if min_n is None else int(min_n)
         if self.native:
             return torch.ops.fastspec.prompt_lookup_draft(
-                self._source, self._source_len, gen, num, int(gamma), self.max_n, self.min_n, self._prefix
+                self._source, self._source_len, gen, num, int(gamma), self.max_n, min_n, self._prefix
             )
         return prompt_lookup_reference(
-            _rows(self._source, self._source_len), _rows(gen, num), gamma, self.max_n, self.min_n, self._prefix
+            _rows(self._source, self._source_len), _rows(gen, num), gamma, self.max_n, min_n, self._prefix
         )
 
     def draft(self, step: DraftStep) -> DraftOutput:
         device = step.generated.device
         gamma = int(step.gamma)
         tokens, num = self.lookup(step.generated, step.num_generated, gamma)  # [B,γ], [B]
+        weak = torch.zeros_like(num, dtype=torch.bool)  # [B] matches that need the fallback's agreement
+        if self.confirm_n and self.fallback is not None:
+            weak = (num > 0) & (self.lookup(step.generated, step.num_generated, 1, self.confirm_n)[1] == 0)
         self.last_lookup_rows = num > 0
         probs = None
         active = step.active.cpu().bool()
         missing = num < gamma
-        if self.fallback is not None and self.drafts_from_commits and bool((active & (num == 0)).any()):
-            tokens, probs = self._choose_per_row(step, tokens, num)
+        if self.fallback is not None and self.drafts_from_commits and bool((active & ((num == 0) | weak)).any()):
+            tokens, probs = self._choose_per_row(step, tokens, num, weak)
         elif bool(missing.any()):
             if self.fallback is not None and not self.drafts_from_commits:
                 tokens, probs = self._fill_with_fallback(step, tokens, num)
@@ -176,12 +191,16 @@ class PromptLookupDrafter(Drafter):
             tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], width - tokens.shape[1]), -1)], dim=1)
         return torch.where(tokens < 0, last[:, None], tokens)[:, :width]
 
-    def _choose_per_row(self, step: DraftStep, tokens: torch.Tensor, num: torch.Tensor):
+    def _choose_per_row(self, step: DraftStep, tokens: torch.Tensor, num: torch.Tensor, weak: torch.Tensor):
         """Commit-driven fallback: it drafts once from the real prefix; rows without a lookup match
-        take its draft, the others their lookup tokens; all padded to the longest active draft."""
+        (or with a ``weak`` one whose first token it does not draft) take its draft, the others their
+        lookup tokens; all padded to the longest active draft."""
         fb = self.fallback.draft(step)
         fb_tokens = fb.tokens.long().cpu()  # [B,k_fb]
         use_fb = num == 0  # [B]
+        if fb_tokens.shape[1] > 0:
+            use_fb |= weak & (fb_tokens[:, 0] != tokens[:, 0])
+        self.last_lookup_rows = ~use_fb
         active = step.active.cpu().bool()
         lookup_width = int(num[active & ~use_fb].max()) if bool((active & ~use_fb).any()) else 0
         width = max(lookup_width, fb_tokens.shape[1])
@@ -248,7 +267,7 @@ class PromptLookupDrafter(Drafter):
 
     # ------------------------------------------------------------------ save / load
     def save(self, folder: str) -> None:
-        config = {"max_n": self.max_n, "min_n": self.min_n, "fallback": None}
+        config = {"max_n": self.max_n, "min_n": self.min_n, "confirm_n": self.confirm_n, "fallback": None}
         if self.fallback is not None:
             import os
 
@@ -266,11 +285,11 @@ class PromptLookupDrafter(Drafter):
 
         config, _ = load_folder(folder, "prompt_lookup")
         try:
-            max_n, min_n = int(config["max_n"]), int(config["min_n"])
+            max_n, min_n, confirm_n = int(config["max_n"]), int(config["min_n"]), int(config.get("confirm_n", 0))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"corrupted prompt-lookup config in {folder!r}: {e}") from None
         fallback = load_drafter(os.path.join(folder, config["fallback"]), target, dtype) if config.get("fallback") else None
-        return cls(max_n=max_n, min_n=min_n, fallback=fallback, **kwargs)
+        return cls(max_n=max_n, min_n=min_n, fallback=fallback, confirm_n=confirm_n, **kwargs)
 
 
 __all__ = ["PromptLookupDrafter", "prompt_lookup_reference"]
