@@ -4,12 +4,14 @@
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
+
 namespace fastspec {
 namespace runtime {
 namespace {
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the embedding is on ", ref.device());
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but the weights are on ", ref.device());
 }
 
 // Embedding lookup (+ optional projection): tokens [...] -> [..., D]. Pads (-1) read row 0;
@@ -27,20 +29,46 @@ at::Tensor head_logits(const at::Tensor& x, const at::Tensor& head_w, const std:
 
 // Chooses the next token per row from logits [B,V]; returns (token [B], logits or q [B,V]).
 // `prev` ([B,L], -1 padded) grows by the chosen tokens (repetition penalty of later steps).
+// A shortlisted head (choice.head_ids) maps the greedy argmax to its target id, and places the
+// logits on the full vocabulary (-inf elsewhere) before sampling: q [B,V], zero off the shortlist.
 std::pair<at::Tensor, at::Tensor> choose(const at::Tensor& logits, const TokenChoice& choice,
-                                         std::optional<at::Tensor>& prev) {
-  if (!choice.do_sample) return {logits.argmax(-1), logits};
+                                         std::optional<at::Tensor>& prev, int64_t vocab) {
+  const bool shortlisted = choice.head_ids.has_value() && choice.head_ids->defined();
+  if (!choice.do_sample) {
+    at::Tensor row = logits.argmax(-1);  // [B] head rows
+    return {shortlisted ? choice.head_ids->index_select(0, row) : row, logits};
+  }
   static auto process = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("fastspec::process_logits", "")
                             .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
                                               const std::optional<at::Tensor>&, bool, double, int64_t, double,
                                               double)>();
-  at::Tensor q = process.call(logits.to(at::kFloat).unsqueeze(1).contiguous(), prev, std::nullopt, true,
+  at::Tensor full = logits.to(at::kFloat);
+  if (shortlisted) {
+    full = at::full({logits.size(0), vocab}, -std::numeric_limits<float>::infinity(), full.options())
+               .index_copy_(1, *choice.head_ids, full);  // [B,V]
+  }
+  at::Tensor q = process.call(full.unsqueeze(1).contiguous(), prev, std::nullopt, true,
                               choice.temperature, choice.top_k, choice.top_p, choice.repetition_penalty)
                      .squeeze(1);  // [B,V]
   at::Tensor token = at::multinomial(q, 1, false, choice.generator).squeeze(1);  // [B]
   prev = prev.has_value() ? at::cat({*prev, token.unsqueeze(1)}, 1) : token.unsqueeze(1);
   return {token, q};
+}
+
+// head_w [N,*] against the vocabulary V and the head-id map (its values are checked by the binding).
+void check_head(const TokenChoice& choice, const at::Tensor& head_w, int64_t vocab, const char* op) {
+  TORCH_CHECK(head_w.dim() == 2, op, ": head_w must be 2-D [N,D]");
+  if (!choice.head_ids.has_value() || !choice.head_ids->defined()) {
+    TORCH_CHECK(head_w.size(0) == vocab, op, ": head_w has ", head_w.size(0), " rows but the vocabulary is ", vocab,
+                " (pass head_ids for a shortlisted head)");
+    return;
+  }
+  const at::Tensor& ids = *choice.head_ids;
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, op, ": head_ids must be [N] int64");
+  TORCH_CHECK(ids.size(0) == head_w.size(0), op, ": head_ids has ", ids.size(0), " ids for ", head_w.size(0),
+              " head rows");
+  check_same_device(ids, head_w, "head_ids");
 }
 
 void check_choice(const TokenChoice& choice, const at::Tensor& ref, int64_t batch, const char* op) {
@@ -65,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> cnn_draft(
   TORCH_CHECK(embed.dim() == 2, "cnn_draft: embed must be [V,E]");
   TORCH_CHECK(conv_w.size() == conv_b.size() && !conv_w.empty(), "cnn_draft: need L >= 1 conv weights and biases");
   TORCH_CHECK(src_bias.dim() == 2 && src_bias.size(0) == window.size(0), "cnn_draft: src_bias must be [B,D]");
-  TORCH_CHECK(head_w.dim() == 2 && head_w.size(0) == embed.size(0), "cnn_draft: head_w must be [V,D]");
+  check_head(choice, head_w, embed.size(0), "cnn_draft");
   check_same_device(window, embed, "window");
   check_same_device(src_bias, embed, "src_bias");
   const int64_t V = embed.size(0);
@@ -98,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> cnn_draft(
   }
   for (int64_t s = 0; s < gamma; ++s) {
     at::Tensor normed = at::layer_norm(last, {last.size(-1)}, norm_w, norm_b, norm_eps);
-    auto [next, scores] = choose(head_logits(normed, head_w, head_b), choice, prev);  // [B], [B,V]
+    auto [next, scores] = choose(head_logits(normed, head_w, head_b), choice, prev, V);  // [B], [B,N|V]
     tokens.select(1, s).copy_(next);
     step_logits.push_back(scores);
     if (s + 1 == gamma) break;
@@ -128,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft(
               "lstm_draft: need L >= 1 of each of w_ih, w_hh, b_ih, b_hh");
   TORCH_CHECK(h.dim() == 3 && h.sizes() == c.sizes() && h.size(0) == L && h.size(1) == last.size(0),
               "lstm_draft: h and c must both be [L,B,H] with L=", L, " B=", last.size(0));
-  TORCH_CHECK(head_w.dim() == 2 && head_w.size(0) == embed.size(0), "lstm_draft: head_w must be [V,H]");
+  check_head(choice, head_w, embed.size(0), "lstm_draft");
   check_same_device(last, embed, "last");
   check_same_device(h, embed, "h");
   check_same_device(c, embed, "c");
@@ -157,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft(
     h_all.push_back(at::stack(hs, 0));
     c_all.push_back(at::stack(cs, 0));
     if (s == gamma) break;  // the last feed only advances the state (for a full accept)
-    auto [next, scores] = choose(head_logits(x, head_w, head_b), choice, prev);  // [B], [B,V]
+    auto [next, scores] = choose(head_logits(x, head_w, head_b), choice, prev, V);  // [B], [B,N|V]
     feed = next;
     tokens.select(1, s).copy_(feed);
     step_logits.push_back(scores);

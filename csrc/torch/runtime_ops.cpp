@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "../runtime/neural_drafters.h"
+#include "fastspec/head_ids.h"
 #include "fastspec/prompt_lookup.h"
 
 namespace {
@@ -44,9 +45,28 @@ std::tuple<at::Tensor, at::Tensor> prompt_lookup_draft_op(const at::Tensor& sour
 
 using fastspec::runtime::TokenChoice;
 
+// head_ids [N] int64 (a shortlisted head's row -> target id map; none = a full head): distinct ids
+// in [0, vocab). The runtime checks shapes, dtype and device; the values are checked here, on a
+// host copy (N ids), so a bad map raises instead of indexing out of bounds.
+void check_head_ids_values(const std::optional<at::Tensor>& head_ids, int64_t vocab, const char* op) {
+  if (!head_ids.has_value() || !head_ids->defined()) return;
+  TORCH_CHECK(head_ids->dim() == 1 && head_ids->scalar_type() == at::kLong, op, ": head_ids must be [N] int64, got ",
+              head_ids->scalar_type(), " with ", head_ids->dim(), " dims");
+  at::Tensor ids = head_ids->to(at::kCPU).contiguous();
+  int64_t bad = -1;
+  const int32_t rc = fastspec::check_head_ids(ids.data_ptr<int64_t>(), ids.numel(), vocab, &bad);
+  TORCH_CHECK_VALUE(rc != fastspec::kHeadIdsBadSize, op, ": head_ids must hold 1..", vocab, " ids, got ", ids.numel());
+  TORCH_CHECK_VALUE(rc != fastspec::kHeadIdsOutOfRange, op, ": head_ids[", bad, "] = ", ids.data_ptr<int64_t>()[bad],
+                    " is outside the vocabulary [0, ", vocab, ")");
+  TORCH_CHECK_VALUE(rc != fastspec::kHeadIdsDuplicate, op, ": head_ids[", bad, "] = ", ids.data_ptr<int64_t>()[bad],
+                    " appears twice (a head-id map must hold distinct target ids)");
+}
+
 TokenChoice make_choice(bool do_sample, double temperature, int64_t top_k, double top_p, double repetition_penalty,
-                        const std::optional<at::Tensor>& prev_tokens, const std::optional<at::Generator>& generator) {
+                        const std::optional<at::Tensor>& prev_tokens, const std::optional<at::Generator>& generator,
+                        const std::optional<at::Tensor>& head_ids) {
   TokenChoice c;
+  c.head_ids = head_ids;
   c.do_sample = do_sample;
   c.temperature = temperature;
   c.top_k = top_k;
@@ -63,10 +83,13 @@ std::tuple<at::Tensor, at::Tensor> cnn_draft_op(
     const std::vector<at::Tensor>& conv_w, const std::vector<at::Tensor>& conv_b, const at::Tensor& norm_w,
     const at::Tensor& norm_b, double norm_eps, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
     int64_t gamma, bool do_sample, double temperature, int64_t top_k, double top_p, double repetition_penalty,
-    const std::optional<at::Tensor>& prev_tokens, const std::optional<at::Generator>& generator) {
+    const std::optional<at::Tensor>& prev_tokens, const std::optional<at::Generator>& generator,
+    const std::optional<at::Tensor>& head_ids) {
+  TORCH_CHECK(embed.dim() == 2, "cnn_draft: embed must be [V,E]");
+  check_head_ids_values(head_ids, embed.size(0), "cnn_draft");
   return fastspec::runtime::cnn_draft(
       window, src_bias, embed, in_proj_w, in_proj_b, conv_w, conv_b, norm_w, norm_b, norm_eps, head_w, head_b, gamma,
-      make_choice(do_sample, temperature, top_k, top_p, repetition_penalty, prev_tokens, generator));
+      make_choice(do_sample, temperature, top_k, top_p, repetition_penalty, prev_tokens, generator, head_ids));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft_op(
@@ -75,10 +98,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_draft_op(
     const std::vector<at::Tensor>& w_ih, const std::vector<at::Tensor>& w_hh, const std::vector<at::Tensor>& b_ih,
     const std::vector<at::Tensor>& b_hh, const at::Tensor& head_w, const std::optional<at::Tensor>& head_b,
     int64_t gamma, bool do_sample, double temperature, int64_t top_k, double top_p, double repetition_penalty,
-    const std::optional<at::Tensor>& prev_tokens, const std::optional<at::Generator>& generator) {
+    const std::optional<at::Tensor>& prev_tokens, const std::optional<at::Generator>& generator,
+    const std::optional<at::Tensor>& head_ids) {
+  TORCH_CHECK(embed.dim() == 2, "lstm_draft: embed must be [V,E]");
+  check_head_ids_values(head_ids, embed.size(0), "lstm_draft");
   return fastspec::runtime::lstm_draft(
       last, h, c, embed, in_proj_w, in_proj_b, w_ih, w_hh, b_ih, b_hh, head_w, head_b, gamma,
-      make_choice(do_sample, temperature, top_k, top_p, repetition_penalty, prev_tokens, generator));
+      make_choice(do_sample, temperature, top_k, top_p, repetition_penalty, prev_tokens, generator, head_ids));
 }
 
 }  // namespace
@@ -89,17 +115,20 @@ TORCH_LIBRARY_FRAGMENT(fastspec, m) {
       "int max_n, int min_n, bool source_is_prefix) -> (Tensor, Tensor)",
       &prompt_lookup_draft_op);
   // Sampling arguments (after gamma): the target's processing for q, prev_tokens [B,L] for the
-  // repetition penalty, and the generator that at::multinomial draws from.
+  // repetition penalty, and the generator that at::multinomial draws from. head_ids [N]: the target
+  // ids of a shortlisted head's rows (None = a full head over the vocabulary); tokens are target ids,
+  // greedy returns the [B,γ,N] head logits, sampling q [B,γ,V] (zero outside the shortlist).
   m.def(
       "cnn_draft(Tensor window, Tensor src_bias, Tensor embed, Tensor? in_proj_w, Tensor? in_proj_b, "
       "Tensor[] conv_w, Tensor[] conv_b, Tensor norm_w, Tensor norm_b, float norm_eps, Tensor head_w, "
       "Tensor? head_b, int gamma, bool do_sample=False, float temperature=1.0, int top_k=0, float top_p=1.0, "
-      "float repetition_penalty=1.0, Tensor? prev_tokens=None, Generator? generator=None) -> (Tensor, Tensor)",
+      "float repetition_penalty=1.0, Tensor? prev_tokens=None, Generator? generator=None, Tensor? head_ids=None) "
+      "-> (Tensor, Tensor)",
       &cnn_draft_op);
   m.def(
       "lstm_draft(Tensor last, Tensor h, Tensor c, Tensor embed, Tensor? in_proj_w, Tensor? in_proj_b, "
       "Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, Tensor[] b_hh, Tensor head_w, Tensor? head_b, int gamma, "
       "bool do_sample=False, float temperature=1.0, int top_k=0, float top_p=1.0, float repetition_penalty=1.0, "
-      "Tensor? prev_tokens=None, Generator? generator=None) -> (Tensor, Tensor, Tensor, Tensor)",
+      "Tensor? prev_tokens=None, Generator? generator=None, Tensor? head_ids=None) -> (Tensor, Tensor, Tensor, Tensor)",
       &lstm_draft_op);
 }

@@ -34,6 +34,7 @@ from fastspec import introspect
 from fastspec.distill.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastspec.distill.losses import DIVERGENCES, divergence
 from fastspec.drafters.feature import DEFAULT_LAYERS, FeatureDrafter, FeatureModel
+from fastspec.drafters.shortlist import draft_index
 from fastspec.errors import UserError
 
 from fastspec.distill.feature_data import (  # noqa: F401  (the data side, re-exported)
@@ -208,10 +209,7 @@ def unrolled_loss(model: FeatureModel, batch: Batch, *, steps: int = 3, decay: f
 
 def _draft_index(model: FeatureModel) -> torch.Tensor:
     """[V] target id -> draft id, −1 outside the shortlist."""
-    ids = model.shortlist_ids
-    index = torch.full((model.vocab_size,), -1, dtype=torch.long, device=ids.device)
-    index[ids] = torch.arange(ids.numel(), device=ids.device)
-    return index
+    return draft_index(model.shortlist_ids, model.vocab_size)
 
 
 @torch.no_grad()

@@ -302,6 +302,11 @@ def load_pseudo_dataset(path: str) -> List[dict]:
 
 def load_topk_logits(pseudo_dir: str, record: dict, vocab_size: int) -> torch.Tensor:
     """Dense teacher logits [T,V] for one record from the top-k cache (see losses.topk_to_logits)."""
+    return topk_to_logits(*load_topk_cache(pseudo_dir, record, vocab_size), vocab_size)
+
+
+def load_topk_cache(pseudo_dir: str, record: dict, vocab_size: int):
+    """One record's top-k cache: (values [T,k], indices [T,k], logsumexp [T]) of the target's logits."""
     from safetensors import safe_open
 
     if "logits_file" not in record:
@@ -315,4 +320,4 @@ def load_topk_logits(pseudo_dir: str, record: dict, vocab_size: int) -> torch.Te
         values = handle.get_tensor(f"{key}.values")
         indices = handle.get_tensor(f"{key}.indices")
         lse = handle.get_tensor(f"{key}.logsumexp")
-    return topk_to_logits(values, indices, lse, vocab_size)
+    return values, indices, lse

@@ -17,9 +17,12 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from fastspec import drafters, introspect
+from fastspec.distill.feature import shortlist_teacher_logits
+from fastspec.distill.feature_data import build_shortlist
 from fastspec.distill.pseudo import strip_output
 from fastspec.distill.teacher import pad_left, pad_right, teacher_forced_logits
 from fastspec.drafters.layer_skip import LayerSkipDrafter, attach_exit_head, truncated_view
+from fastspec.drafters.shortlist import draft_index
 from fastspec.errors import UserError
 
 
@@ -139,6 +142,8 @@ class NeuralStudent:
     conditioned on the source (see :mod:`fastspec.drafters.neural`).
 
     eos_ids: the target's EOS ids; :meth:`sample` ends a row at its first EOS.
+    A shortlisted head gives logits over its N ids; ``shortlist`` maps the trainer's labels and
+    teacher distributions onto them (None for a full head).
     """
 
     def __init__(self, drafter, eos_ids: Sequence[int] = ()):
@@ -146,6 +151,7 @@ class NeuralStudent:
         self.module = drafter.model
         self.vocab_size = drafter.model.vocab_size
         self.eos_ids = list(eos_ids)
+        self.shortlist = HeadShortlist(drafter.model) if drafter.model.shortlist_ids is not None else None
 
     def _inputs(self, source_ids, outputs_prefix, device):
         starts = [self.drafter.start_for(s) for s in source_ids]
@@ -153,7 +159,8 @@ class NeuralStudent:
         return pad_rows(rows, device), pad_rows(source_ids, device)
 
     def logits(self, module, source_ids, output_ids, device):
-        """Teacher-forced logits [B,T,V] (position t predicts output_ids[b][t]) and mask [B,T]."""
+        """Teacher-forced head logits [B,T,N] (position t predicts output_ids[b][t]; N = V for a
+        full head) and mask [B,T]."""
         ids, source = self._inputs(source_ids, [o[:-1] for o in output_ids], device)
         logits = module(ids, source)  # [B,L,V]
         width = max([len(o) for o in output_ids] + [1])
@@ -168,7 +175,8 @@ class NeuralStudent:
         def next_logits(outputs):
             ids, source = self._inputs(source_ids, outputs, device)
             last = torch.tensor([len(o) for o in outputs], device=device)
-            return self.module(ids, source)[torch.arange(len(outputs), device=device), last]  # [B,V]
+            head = self.module(ids, source)[torch.arange(len(outputs), device=device), last]  # [B,N]
+            return self.module.head_to_vocab(head)  # [B,V]: target ids are sampled
 
         return sample_until_eos(next_logits, len(source_ids), max_new_tokens, self.eos_ids)
 
@@ -177,6 +185,66 @@ class NeuralStudent:
 
     def save_drafter(self, folder: str) -> None:
         self.drafter.save(folder)
+
+
+class HeadShortlist:
+    """The trainer's target-vocabulary labels and teacher distributions, restricted to the N ids of
+    a shortlisted head (``model.shortlist_ids``, read at each call: it follows the module's device).
+    As for the feature drafter (EAGLE-3), labels outside the shortlist are ignored and token-level
+    KD skips positions whose teacher argmax is outside it."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def size(self) -> int:
+        return int(self.model.shortlist_ids.numel())
+
+    def _index(self, device) -> torch.Tensor:
+        return draft_index(self.model.shortlist_ids, self.model.vocab_size).to(device)  # [V] -> row or -1
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Target ids [...] (-100 = none) -> head rows, -100 where none or outside the shortlist."""
+        rows = self._index(labels.device)[labels.clamp(0, self.model.vocab_size - 1)]
+        return torch.where((labels >= 0) & (labels < self.model.vocab_size) & (rows >= 0), rows, -100)
+
+    def teacher(self, logits: torch.Tensor):
+        """Dense teacher logits [...,V] -> (logits on the shortlist [...,N], argmax inside [...])."""
+        inside = self._index(logits.device)[logits.argmax(-1)] >= 0
+        return logits.index_select(-1, self.model.shortlist_ids.to(logits.device)), inside
+
+    def teacher_topk(self, values: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor):
+        """A top-k cache (values/ids [T,k], lse [T]) -> (log-probs on the shortlist [T,N], argmax inside [T])."""
+        index = self._index(values.device)
+        ids = ids.long()
+        short = shortlist_teacher_logits(values.float(), ids, lse.float(), index, self.size)
+        return short, index[ids[:, 0]] >= 0 if ids.shape[1] else torch.zeros_like(lse, dtype=torch.bool)
+
+
+DEFAULT_SHORTLIST = 8192  # drafter_options["shortlist"] when absent (0 = a full head)
+
+
+def label_shortlist(records: Sequence[dict], size: int, vocab_size: int, always: Sequence[int] = (), *,
+                    references: bool = True, outputs: bool = True):
+    """[≤size] target ids of a shortlisted head: the most frequent training labels of ``records``
+    plus ``always`` (the EOS ids). The labels are what the trainer trains on: the reference_ids
+    (``references``: CE) and the target's output_ids, or the references of records without
+    outputs (``outputs``: KD). None (a full head) when size is 0 or the shortlist would be the
+    whole vocabulary."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise TrainingError(f"the drafter's shortlist must be an int >= 0 (0 = a full head), got {size!r}")
+    if size == 0:
+        return None
+    rows = []
+    for r in records:
+        if references:
+            rows.append(r.get("reference_ids") or [])
+        if outputs:
+            rows.append((r["output_ids"] if r.get("output_ids") is not None else r.get("reference_ids")) or [])
+    labels = torch.tensor([t for row in rows for t in row], dtype=torch.long)
+    labels = labels[(labels >= 0) & (labels < vocab_size)]
+    ids = build_shortlist(torch.bincount(labels, minlength=vocab_size), size, [e for e in always if 0 <= e < vocab_size])
+    return None if ids.numel() == 0 or ids.numel() >= vocab_size else ids
 
 
 def pad_rows(rows: Sequence[Sequence[int]], device, pad: int = -1) -> torch.Tensor:
@@ -262,7 +330,8 @@ def _hf_model_from(init_from: str):
 
 
 def build_student(kind: str, target, *, init_from: Optional[str] = None, options: Optional[dict] = None, seed: int = 0):
-    """The trainable student for ``--drafter kind`` against ``target`` (an HF model)."""
+    """The trainable student for ``--drafter kind`` against ``target`` (an HF model). For cnn/lstm,
+    ``options["shortlist"]`` may hold a shortlisted head's [N] target ids (:func:`label_shortlist`)."""
     options = dict(options or {})
     torch.manual_seed(seed)  # the drafter's initial weights are part of the run's seed
     if kind in ("t5small", "hf"):

@@ -33,8 +33,10 @@ from fastspec import engine, introspect
 from fastspec.distill.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastspec.distill.distributed import DistInfo
 from fastspec.distill.losses import DIVERGENCES, divergence, masked_cross_entropy
-from fastspec.distill.pseudo import load_topk_logits
-from fastspec.distill.students import NeuralStudent, TrainingError, build_student
+from fastspec.distill.pseudo import load_topk_cache, load_topk_logits
+from fastspec.distill.students import (
+    DEFAULT_SHORTLIST, NEURAL_CLASSES, NeuralStudent, TrainingError, build_student, label_shortlist,
+)
 from fastspec.distill.teacher import pad_left, pad_right, teacher_forced_logits
 from fastspec.drafters import NgramDrafter
 from fastspec.drafters.folder import update_config
@@ -227,18 +229,40 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
     def _teacher_logits(self, sources, outputs, rows: List[TrainItem]):
-        c = self.config
+        """Teacher logits [B,T,V], or [B,T,N] on a shortlisted student's head (positions whose
+        teacher argmax is outside the shortlist are masked), and the mask [B,T]."""
+        c, vocab = self.config, self.student.vocab_size
+        short = getattr(self.student, "shortlist", None)
         if c.teacher_logits == "cache" and c.distill_method != "on_policy":
-            dense = [load_topk_logits(self.pseudo_dir, it.record, self.student.vocab_size) for it in rows]
-            T = max([d.shape[0] for d in dense] + [1])
-            out = torch.zeros(len(dense), T, self.student.vocab_size)
-            for b, d in enumerate(dense):
+            if short is None:
+                dense = [(load_topk_logits(self.pseudo_dir, it.record, vocab), None) for it in rows]
+            else:
+                dense = [short.teacher_topk(*load_topk_cache(self.pseudo_dir, it.record, vocab)) for it in rows]
+            T = max([d.shape[0] for d, _ in dense] + [1])
+            out = torch.zeros(len(dense), T, vocab if short is None else short.size)
+            inside = torch.ones(len(dense), T, dtype=torch.bool)
+            for b, (d, keep) in enumerate(dense):
                 out[b, : d.shape[0]] = d
+                if keep is not None:
+                    inside[b, : d.shape[0]] = keep
             _, mask = pad_right(outputs, 0, self.device)
-            return out.to(self.device), mask.bool()
+            return out.to(self.device), mask.bool() & inside[:, : mask.shape[1]].to(self.device)
         with torch.no_grad(), self._autocast():
             logits, mask = teacher_forced_logits(self.teacher, sources, outputs, device=self.device)
-        return logits.float(), mask
+        if short is None:
+            return logits.float(), mask
+        logits, inside = short.teacher(logits.float())
+        return logits, mask & inside
+
+    def _cross_entropy(self, logits, mask, seqs):
+        """CE of the student's logits [B,T,·] on the target ids ``seqs`` (a shortlisted head: on
+        their head rows, ids outside the shortlist ignored); returns (loss, the mask used)."""
+        labels = _labels(seqs, logits.shape[1], self.device)
+        short = getattr(self.student, "shortlist", None)
+        if short is not None:
+            labels = short.labels(labels)
+            mask = mask & (labels >= 0)
+        return masked_cross_entropy(logits.flatten(0, 1), labels.flatten(), mask.flatten()), mask
 
     def _loss(self, rows: List[TrainItem]):
         c = self.config
@@ -250,15 +274,13 @@ class Trainer:
             if labeled:
                 with self._autocast():
                     logits, mask = self.student.logits(self.module, [it.source_ids for it in labeled], [it.reference_ids for it in labeled], self.device)
-                labels = _labels([it.reference_ids for it in labeled], logits.shape[1], self.device)
-                parts["ce"] = masked_cross_entropy(logits.flatten(0, 1), labels.flatten(), mask.flatten())
+                parts["ce"], mask = self._cross_entropy(logits, mask, [it.reference_ids for it in labeled])
                 tokens += int(mask.sum())
         if c.kd_loss > 0:
             if c.distill_method == "seq_kd":
                 with self._autocast():
                     logits, mask = self.student.logits(self.module, sources, [it.output_ids for it in rows], self.device)
-                labels = _labels([it.output_ids for it in rows], logits.shape[1], self.device)
-                parts["kd"] = masked_cross_entropy(logits.flatten(0, 1), labels.flatten(), mask.flatten())
+                parts["kd"], mask = self._cross_entropy(logits, mask, [it.output_ids for it in rows])
             else:
                 if c.distill_method == "on_policy":
                     outputs = self.student.sample(sources, c.on_policy_max_new_tokens, self.device)
@@ -473,6 +495,9 @@ def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progr
 
     records: dicts with ``source_ids`` and ``reference_ids`` and/or ``output_ids`` (a loaded
     pseudo-dataset, or encoded examples).
+    drafter_options: the drafter's sizes; for cnn/lstm, ``shortlist`` (int, default
+    :data:`~fastspec.distill.students.DEFAULT_SHORTLIST`; 0 = a full head) heads the drafter with the
+    most frequent labels it trains on (:func:`~fastspec.distill.students.label_shortlist`) plus EOS.
     """
     config.progress = progress
     model = introspect.hf_model(target)
@@ -488,7 +513,12 @@ def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progr
                 meta["distill_method"] = "seq_kd"
             stamp_training(folder, meta)
         return drafter
-    student = build_student(config.drafter, model, init_from=init_from, options=drafter_options, seed=config.seed)
+    options = dict(drafter_options or {})
+    if config.drafter in NEURAL_CLASSES:  # a shortlisted head over the records' most frequent labels (+ EOS)
+        options["shortlist"] = label_shortlist(records, options.pop("shortlist", DEFAULT_SHORTLIST),
+                                               introspect.vocab_size(model), introspect.eos_token_ids(model),
+                                               references=config.loss > 0, outputs=config.kd_loss > 0)
+    student = build_student(config.drafter, model, init_from=init_from, options=options, seed=config.seed)
     info = dist_info or DistInfo(0, 1, 0, torch.device("cpu"))
     eval_fn = None
     if eval_prompts:

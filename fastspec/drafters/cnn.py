@@ -8,6 +8,8 @@ greedy loop is one native call (``torch.ops.fastspec.cnn_draft_greedy``) and
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -19,19 +21,19 @@ from fastspec.drafters.neural import NeuralDrafter, TokenModel, choose_tokens, n
 class CausalConvLM(TokenModel):
     """embed (+proj) + source bias -> L x [causal conv k, GELU, residual] -> LayerNorm -> head."""
 
-    def __init__(self, vocab_size: int, embed_dim: int, dim: int = 256, num_layers: int = 3, kernel_size: int = 4):
-        super().__init__(vocab_size, embed_dim, dim)
+    def __init__(self, vocab_size: int, embed_dim: int, dim: int = 256, num_layers: int = 3, kernel_size: int = 4,
+                 shortlist_size: Optional[int] = None):
+        super().__init__(vocab_size, embed_dim, dim, shortlist_size)
         if num_layers < 1 or kernel_size < 1:
             raise ValueError("num_layers and kernel_size must be >= 1")
         self.num_layers, self.kernel_size = int(num_layers), int(kernel_size)
         self.src_proj = nn.Linear(self.embed_dim, self.dim)
         self.convs = nn.ModuleList(nn.Conv1d(self.dim, self.dim, self.kernel_size) for _ in range(self.num_layers))
         self.norm = nn.LayerNorm(self.dim)
-        self.head = nn.Linear(self.dim, self.vocab_size, bias=False)
+        self.head = self.make_head(self.dim)  # [N or V, dim]
 
     def config_dict(self) -> dict:
-        return dict(vocab_size=self.vocab_size, embed_dim=self.embed_dim, dim=self.dim, num_layers=self.num_layers,
-                    kernel_size=self.kernel_size)
+        return dict(self.base_config(), num_layers=self.num_layers, kernel_size=self.kernel_size)
 
     @property
     def receptive_field(self) -> int:
@@ -51,7 +53,7 @@ class CausalConvLM(TokenModel):
         return x
 
     def forward(self, ids: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """ids [B,L] right-padded -1, source [B,S] -1 padded -> logits [B,L,V]."""
+        """ids [B,L] right-padded -1, source [B,S] -1 padded -> head logits [B,L,N] (N = V for a full head)."""
         return self.head(self.norm(self.hidden(ids, self.source_bias(source))))
 
 
@@ -59,7 +61,8 @@ def cnn_draft_reference(model: CausalConvLM, window: torch.Tensor, src_bias: tor
                         sampling=None, prev_tokens=None, generator=None):
     """Python twin of the native loop (recomputes the window every step).
 
-    window [B,R] left-padded -1 -> (tokens [B,γ], logits (greedy) or q (sampling) [B,γ,V]).
+    window [B,R] left-padded -1 -> (tokens [B,γ] (target ids), head logits [B,γ,N] (greedy) or q
+    [B,γ,V] (sampling; zero outside a shortlist)).
     sampling: SamplingParams with do_sample (q from ops.process_logits, torch.multinomial with
     ``generator``; prev_tokens [B,L] feed the repetition penalty); None = greedy."""
     tokens, scores_all = [], []
@@ -67,8 +70,8 @@ def cnn_draft_reference(model: CausalConvLM, window: torch.Tensor, src_bias: tor
     for _ in range(gamma):
         last = model.hidden(win, src_bias)[:, -1]  # [B,D]
         last = F.layer_norm(last, (last.shape[-1],), model.norm.weight, model.norm.bias, model.norm.eps)
-        logits = model.head(last)  # [B,V] (the module: an int8 head works too)
-        nxt, scores, prev = choose_tokens(logits, sampling, prev, generator)
+        logits = model.head(last)  # [B,N] (the module: an int8 head works too)
+        nxt, scores, prev = choose_tokens(model, logits, sampling, prev, generator)
         tokens.append(nxt)
         scores_all.append(scores)
         win = torch.cat([win[:, 1:], nxt[:, None]], dim=1)
@@ -83,7 +86,7 @@ def cnn_draft_native(model: CausalConvLM, window: torch.Tensor, src_bias: torch.
         window, src_bias, model.embed.weight, proj.weight if proj is not None else None,
         proj.bias if proj is not None else None, [c.weight for c in model.convs], [c.bias for c in model.convs],
         model.norm.weight, model.norm.bias, float(model.norm.eps), model.head.weight, model.head.bias, int(gamma),
-        **native_choice_kwargs(sampling, prev_tokens, generator),
+        **native_choice_kwargs(model, sampling, prev_tokens, generator),
     )
 
 

@@ -55,6 +55,7 @@ from fastspec import introspect, ops
 from fastspec.drafters.base import CommitInfo, DraftOutput, Drafter, DraftRequest, DraftStep
 from fastspec.drafters.context import left_align, request_source
 from fastspec.drafters.folder import load_folder, save_folder
+from fastspec.drafters.shortlist import check_shortlist, to_vocab
 from fastspec.errors import UserError
 
 KIND = "feature"
@@ -189,9 +190,7 @@ class FeatureModel(nn.Module):
         if not layers or any(not -(total + 1) <= i <= total for i in layers):
             raise UserError(f"feature_layers {layers} must index hidden_states of a target with {total} layers "
                             f"(0 = embeddings .. {total}, or negative)")
-        ids = torch.arange(vocab) if shortlist is None else torch.as_tensor(shortlist, dtype=torch.long).flatten()
-        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab or ids.unique().numel() != ids.numel():
-            raise UserError(f"the shortlist must hold distinct target ids in [0, {vocab})")
+        ids = torch.arange(vocab) if shortlist is None else check_shortlist(shortlist, vocab)
         config = {"arch": arch, "hidden_size": hidden, "vocab_size": vocab, "feature_layers": list(layers),
                   "layer_config": layer_config, "shortlist_size": int(ids.numel())}
         out = cls(config)
@@ -389,9 +388,7 @@ class FeatureDrafter(Drafter):
         ids = self.model.shortlist_ids
         if sampling is None:
             return ids[short_logits.argmax(-1)], None
-        full = torch.full((short_logits.shape[0], self.vocab_size), float("-inf"), device=short_logits.device)
-        full[:, ids] = short_logits.float()
-        q = ops.process_logits(full, prev_tokens=context, do_sample=True, temperature=sampling.temperature,
+        q = ops.process_logits(to_vocab(short_logits, ids, self.vocab_size), prev_tokens=context, do_sample=True, temperature=sampling.temperature,
                                top_k=sampling.top_k, top_p=sampling.top_p,
                                repetition_penalty=sampling.repetition_penalty)
         return torch.multinomial(q, 1, generator=self.request.generator)[:, 0], q

@@ -12,7 +12,7 @@ a prefix of the row any more and catches up, so the drafts never depend on the c
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -24,18 +24,18 @@ from fastspec.drafters.neural import NeuralDrafter, TokenModel, choose_tokens, n
 class LSTMLM(TokenModel):
     """embed (+proj) -> L-layer unidirectional LSTM (h0 from the source) -> head."""
 
-    def __init__(self, vocab_size: int, embed_dim: int, dim: int = 256, hidden_size: int = 256, num_layers: int = 1):
-        super().__init__(vocab_size, embed_dim, dim)
+    def __init__(self, vocab_size: int, embed_dim: int, dim: int = 256, hidden_size: int = 256, num_layers: int = 1,
+                 shortlist_size: Optional[int] = None):
+        super().__init__(vocab_size, embed_dim, dim, shortlist_size)
         if num_layers < 1:
             raise ValueError("num_layers must be >= 1")
         self.hidden_size, self.num_layers = int(hidden_size), int(num_layers)
         self.src_to_h = nn.Linear(self.embed_dim, self.num_layers * self.hidden_size)
         self.lstm = nn.LSTM(self.dim, self.hidden_size, self.num_layers, batch_first=True)
-        self.head = nn.Linear(self.hidden_size, self.vocab_size, bias=False)
+        self.head = self.make_head(self.hidden_size)  # [N or V, hidden_size]
 
     def config_dict(self) -> dict:
-        return dict(vocab_size=self.vocab_size, embed_dim=self.embed_dim, dim=self.dim, hidden_size=self.hidden_size,
-                    num_layers=self.num_layers)
+        return dict(self.base_config(), hidden_size=self.hidden_size, num_layers=self.num_layers)
 
     def initial_state(self, source: torch.Tensor):
         """source [B,S] (-1 pad) -> (h0, c0) each [L,B,H]."""
@@ -44,7 +44,8 @@ class LSTMLM(TokenModel):
         return h0, torch.zeros_like(h0)
 
     def forward(self, ids: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """ids [B,L] right-padded -1 (causal: pads only follow real tokens), source [B,S] -> logits [B,L,V]."""
+        """ids [B,L] right-padded -1 (causal: pads only follow real tokens), source [B,S] -> head logits [B,L,N]
+        (N = V for a full head)."""
         out, _ = self.lstm(self.embed_tokens(ids), self.initial_state(source))
         return self.head(out)
 
@@ -76,8 +77,9 @@ class LSTMLM(TokenModel):
 
 def lstm_draft_reference(model: LSTMLM, last: torch.Tensor, h: torch.Tensor, c: torch.Tensor, gamma: int,
                          sampling=None, prev_tokens=None, generator=None):
-    """Python twin of the native loop. last [B], h/c [L,B,H] -> (tokens [B,γ], logits (greedy) or
-    q (sampling) [B,γ,V], h_all [γ+1,L,B,H], c_all [γ+1,L,B,H]); sampling as in cnn_draft_reference."""
+    """Python twin of the native loop. last [B], h/c [L,B,H] -> (tokens [B,γ] (target ids), head logits
+    [B,γ,N] (greedy) or q [B,γ,V] (sampling), h_all [γ+1,L,B,H], c_all [γ+1,L,B,H]); sampling as in
+    cnn_draft_reference."""
     hs, cs = list(h.unbind(0)), list(c.unbind(0))
     tokens, logits_all, h_all, c_all = [], [], [], []
     feed, prev = last, prev_tokens
@@ -88,7 +90,7 @@ def lstm_draft_reference(model: LSTMLM, last: torch.Tensor, h: torch.Tensor, c: 
         if step == gamma:
             break
         logits = model.head(top)  # the module: an int8 head works too
-        feed, scores, prev = choose_tokens(logits, sampling, prev, generator)
+        feed, scores, prev = choose_tokens(model, logits, sampling, prev, generator)
         tokens.append(feed)
         logits_all.append(scores)
     return torch.stack(tokens, 1), torch.stack(logits_all, 1), torch.stack(h_all, 0), torch.stack(c_all, 0)
@@ -102,7 +104,7 @@ def lstm_draft_native(model: LSTMLM, last: torch.Tensor, h: torch.Tensor, c: tor
     return torch.ops.fastspec.lstm_draft(
         last, h, c, model.embed.weight, proj.weight if proj is not None else None,
         proj.bias if proj is not None else None, w_ih, w_hh, b_ih, b_hh, model.head.weight, model.head.bias, int(gamma),
-        **native_choice_kwargs(sampling, prev_tokens, generator),
+        **native_choice_kwargs(model, sampling, prev_tokens, generator),
     )
 
 

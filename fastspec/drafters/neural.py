@@ -6,6 +6,11 @@ The drafter reads ``[start] + generated`` per row, where ``start`` is the decode
 (seq2seq) or the last prompt token (causal), and is conditioned on the source through the mean
 of its token embeddings, computed once per request. Training uses the same sequence, shifted:
 position t predicts output token t, so nothing leaks (both models are strictly causal).
+
+The output head covers the whole target vocabulary, or a shortlist of N target ids
+(``shortlist_size`` in the config, the ``shortlist_ids`` [N] buffer = the draft → target map, see
+:mod:`fastspec.drafters.shortlist`): the head is then [N,D], about V/N times cheaper, and the
+drafted tokens and q stay on the target's vocabulary.
 """
 from __future__ import annotations
 
@@ -18,17 +23,52 @@ from fastspec import introspect, ops
 from fastspec.drafters.base import DraftOutput, Drafter, DraftRequest, DraftStep
 from fastspec.drafters.context import request_source
 from fastspec.drafters.folder import load_folder, save_folder
+from fastspec.drafters.shortlist import check_shortlist, to_vocab
 from fastspec.errors import UserError
 
 
 class TokenModel(nn.Module):
-    """Embedding [V,E] (+ projection E->D when E != D) and mean-pooled source embeddings."""
+    """Embedding [V,E] (+ projection E->D when E != D), mean-pooled source embeddings, and the
+    output head's size: V, or N = ``shortlist_size`` with the ``shortlist_ids`` [N] buffer (the
+    target id of each head row; saved in the state dict). Subclasses build ``self.head`` with
+    :meth:`make_head`."""
 
-    def __init__(self, vocab_size: int, embed_dim: int, dim: int):
+    def __init__(self, vocab_size: int, embed_dim: int, dim: int, shortlist_size: Optional[int] = None):
         super().__init__()
         self.vocab_size, self.embed_dim, self.dim = int(vocab_size), int(embed_dim), int(dim)
         self.embed = nn.Embedding(self.vocab_size, self.embed_dim)
         self.in_proj = nn.Linear(self.embed_dim, self.dim) if self.embed_dim != self.dim else None
+        self.shortlist_size = int(shortlist_size) if shortlist_size else None  # None / 0: a full head
+        if self.shortlist_size is not None and not 1 <= self.shortlist_size <= self.vocab_size:
+            raise ValueError(f"shortlist_size must be in [1, {self.vocab_size}], got {shortlist_size}")
+        ids = None if self.shortlist_size is None else torch.arange(self.shortlist_size)
+        self.register_buffer("shortlist_ids", ids)  # None: not in the state dict (old checkpoints load)
+
+    @property
+    def head_size(self) -> int:
+        return self.shortlist_size or self.vocab_size
+
+    def make_head(self, width: int) -> nn.Linear:
+        return nn.Linear(width, self.head_size, bias=False)
+
+    def base_config(self) -> dict:
+        """The config keys of this class (subclasses add theirs); no shortlist key for a full head."""
+        config = dict(vocab_size=self.vocab_size, embed_dim=self.embed_dim, dim=self.dim)
+        if self.shortlist_size is not None:
+            config["shortlist_size"] = self.shortlist_size
+        return config
+
+    def set_shortlist(self, ids) -> None:
+        """Set the head rows' target ids ([N] distinct ids in [0, V), N = shortlist_size)."""
+        ids = check_shortlist(ids, self.vocab_size)
+        if self.shortlist_ids is None or ids.numel() != self.shortlist_size:
+            raise ValueError(f"this model's head has {self.head_size} rows, the shortlist {ids.numel()} ids")
+        with torch.no_grad():
+            self.shortlist_ids.copy_(ids)
+
+    def head_to_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Head logits [..., N] -> logits over the vocabulary [..., V] (−inf outside the shortlist)."""
+        return logits if self.shortlist_ids is None else to_vocab(logits, self.shortlist_ids, self.vocab_size)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] (-1 = pad, reads row 0; callers mask) -> [..., D]."""
@@ -51,13 +91,15 @@ class TokenModel(nn.Module):
             self.embed.weight[:rows].copy_(weight[:rows].to(self.embed.weight.dtype))
 
 
-def choose_tokens(logits: torch.Tensor, sampling=None, prev: Optional[torch.Tensor] = None, generator=None):
-    """Python twin of the runtime's token choice. logits [B,V] ->
-    (tokens [B], logits (greedy) or q [B,V] (sampling), prev grown by the tokens)."""
+def choose_tokens(model: TokenModel, logits: torch.Tensor, sampling=None, prev: Optional[torch.Tensor] = None,
+                  generator=None):
+    """Python twin of the runtime's token choice. Head logits [B,N] -> (target ids [B], the head
+    logits [B,N] (greedy) or q [B,V] (sampling, zero outside a shortlist), prev grown by the tokens)."""
     if sampling is None or not sampling.do_sample:
-        return logits.argmax(-1), logits, prev
+        row = logits.argmax(-1)
+        return (row if model.shortlist_ids is None else model.shortlist_ids[row]), logits, prev
     q = ops.process_logits(
-        logits.float()[:, None], prev_tokens=prev, do_sample=True, temperature=sampling.temperature,
+        model.head_to_vocab(logits.float())[:, None], prev_tokens=prev, do_sample=True, temperature=sampling.temperature,
         top_k=sampling.top_k, top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
     )[:, 0]
     token = torch.multinomial(q, 1, generator=generator)[:, 0]
@@ -65,11 +107,12 @@ def choose_tokens(logits: torch.Tensor, sampling=None, prev: Optional[torch.Tens
     return token, q, prev
 
 
-def native_choice_kwargs(sampling=None, prev: Optional[torch.Tensor] = None, generator=None) -> dict:
-    """The runtime ops' sampling arguments (empty for greedy)."""
+def native_choice_kwargs(model: TokenModel, sampling=None, prev: Optional[torch.Tensor] = None, generator=None) -> dict:
+    """The runtime ops' head-id map and sampling arguments."""
+    head = {} if model.shortlist_ids is None else dict(head_ids=model.shortlist_ids)
     if sampling is None or not sampling.do_sample:
-        return {}
-    return dict(do_sample=True, temperature=float(sampling.temperature), top_k=int(sampling.top_k),
+        return head
+    return dict(head, do_sample=True, temperature=float(sampling.temperature), top_k=int(sampling.top_k),
                 top_p=float(sampling.top_p), repetition_penalty=float(sampling.repetition_penalty),
                 prev_tokens=prev, generator=generator)
 
@@ -90,10 +133,16 @@ class NeuralDrafter(Drafter):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_target(cls, target: nn.Module, *, start_token_id: Optional[int] = None, **model_kwargs):
-        """A drafter sharing the target's vocabulary, embeddings initialised from the target's."""
+    def from_target(cls, target: nn.Module, *, start_token_id: Optional[int] = None, shortlist=None, **model_kwargs):
+        """A drafter sharing the target's vocabulary, embeddings initialised from the target's.
+        shortlist: [N] target ids for a shortlisted head (most frequent first); None = a full head."""
         embed_dim = target.get_input_embeddings().weight.shape[1]
-        model = cls.model_class(vocab_size=introspect.vocab_size(target), embed_dim=embed_dim, **model_kwargs)
+        vocab = introspect.vocab_size(target)
+        ids = None if shortlist is None else check_shortlist(shortlist, vocab)
+        model = cls.model_class(vocab_size=vocab, embed_dim=embed_dim,
+                                shortlist_size=None if ids is None else ids.numel(), **model_kwargs)
+        if ids is not None:
+            model.set_shortlist(ids)
         model.init_from_target(target)
         if start_token_id is None:
             start_token_id = introspect.decoder_start_token_id(target)  # None for causal targets
