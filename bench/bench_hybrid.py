@@ -1,0 +1,152 @@
+"""The hybrid's rule, measured: α and τ of prompt lookup alone, a feature drafter alone, and the
+hybrid PromptLookupDrafter(fallback=feature drafter) at several min_n / max_n, on the real
+SmolLM2-135M-Instruct over aclsum test prompts (greedy, chat prompts).
+
+OFFLINE REPLAY (fastspec.distill.replay.replay_runs): the target's own greedy outputs are generated
+once (cached in --outputs_cache), then every drafter runs the engine's loop along them with no
+target forward per step; α/τ equal the engine's exactly (DESIGN §8 "Offline α replay"). The
+feature drafter gets the target's features from one teacher-forced forward per prompt.
+
+Train a feature drafter first (≤ 4 min of training), e.g.::
+
+    OMP_NUM_THREADS=1 fastspec train --drafter feature --exp_name hyb --output_root /tmp/hyb_runs \\
+        --num_samples 100 --max_target_length 64 --time_budget_s 240 --max_steps 100000
+
+Run::
+
+    OMP_NUM_THREADS=1 python bench/bench_hybrid.py --num_prompts 20 --drafter /tmp/hyb_runs/hyb/drafter
+
+Rules: "min_n m": a row whose last n ≥ m tokens match takes the lookup draft, else the feature
+drafter's; "confirm_n c" (with min_n 1): a match shorter than c is taken only where the feature
+drafter's own first token agrees with the lookup's first token.
+
+Columns: α (accepted / drafted), τ (1 + accepted per step = tokens per target call), steps,
+drafted tokens per step, and "lookup rows" (share of steps whose draft came from the lookup arm).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from fastspec import introspect
+from fastspec.data import encode_prompts, load_examples
+from fastspec.distill.feature_data import pseudo_pairs
+from fastspec.distill.replay import replay_runs
+from fastspec.drafters import PromptLookupDrafter
+from fastspec.drafters.io import load_drafter
+from fastspec.targets import load_target_and_tokenizer
+
+
+class LookupShare:
+    """Wraps a hybrid to count the steps (active rows) whose draft came from the lookup arm."""
+
+    def __init__(self, drafter):
+        self.drafter, self.lookup_rows, self.rows = drafter, 0, 0
+        draft = drafter.draft
+
+        def counted(step):
+            out = draft(step)
+            active = step.active.cpu().bool()
+            self.lookup_rows += int((drafter.last_lookup_rows & active).sum())
+            self.rows += int(active.sum())
+            return out
+
+        drafter.draft = counted
+
+    @property
+    def share(self) -> float:
+        return self.lookup_rows / max(self.rows, 1)
+
+
+def target_outputs(target, prompts, args):
+    """The target's greedy new tokens per prompt (EOS included), cached in --outputs_cache."""
+    key = {"dtype": str(introspect.model_dtype(target)), "max_new_tokens": args.max_new_tokens, "prompts": prompts}
+    if args.outputs_cache and os.path.isfile(args.outputs_cache):
+        with open(args.outputs_cache) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached["outputs"]
+    started = time.perf_counter()
+    pairs = pseudo_pairs(target, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         progress=True)
+    outputs = [list(o) for _, o in pairs]
+    print(f"target outputs: {sum(map(len, outputs))} tokens in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    if args.outputs_cache:
+        with open(args.outputs_cache, "w") as f:
+            json.dump({"key": key, "outputs": outputs}, f)
+    return outputs
+
+
+def build_drafters(args, target):
+    """{name: drafter}: lookup alone, the feature drafter alone, the hybrids."""
+    feature = (lambda: load_drafter(args.drafter, target=target)) if args.drafter else None
+    drafters = {f"prompt lookup (max_n {n})": PromptLookupDrafter(max_n=n, min_n=1) for n in args.max_n}
+    if feature is not None:
+        drafters["feature drafter"] = feature()
+        for n in args.max_n:
+            for m in args.min_n:
+                if m <= n:
+                    drafters[f"hybrid max_n {n} min_n {m}"] = PromptLookupDrafter(max_n=n, min_n=m, fallback=feature())
+            for c in args.confirm_n:  # min_n 1, a match shorter than c needs the fallback's agreement
+                if 1 < c <= n:
+                    drafters[f"hybrid max_n {n} min_n 1 confirm_n {c}"] = PromptLookupDrafter(
+                        max_n=n, min_n=1, confirm_n=c, fallback=feature())
+    return drafters
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num_prompts", type=int, default=20)
+    p.add_argument("--drafter", default="/tmp/hyb_runs/hyb/drafter", help="a saved feature drafter ('' = none)")
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--max_n", type=int, nargs="+", default=[3, 4])
+    p.add_argument("--min_n", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--confirm_n", type=int, nargs="*", default=[2, 3],
+                   help="hybrids with min_n 1 whose matches shorter than this need the fallback's first token")
+    p.add_argument("--split", default="test")
+    p.add_argument("--max_source_length", type=int, default=512)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch_size", type=int, default=10, help="batch of the target's greedy generation")
+    p.add_argument("--outputs_cache", default="/tmp/hyb_runs/outputs.json")
+    args = p.parse_args(argv)
+    if args.drafter and not os.path.isdir(args.drafter):
+        p.error(f"--drafter {args.drafter}: no such folder (train one, or pass --drafter '')")
+    torch.manual_seed(0)
+    target, tokenizer = load_target_and_tokenizer("smollm2", "cpu", dtype=args.dtype)
+    examples = load_examples("aclsum", split=args.split, limit=args.num_prompts)
+    prompts = encode_prompts(tokenizer, target, [e.source for e in examples], args.max_source_length)
+    if args.outputs_cache:
+        os.makedirs(os.path.dirname(os.path.abspath(args.outputs_cache)), exist_ok=True)
+    outputs = target_outputs(target, prompts, args)
+    drafters = build_drafters(args, target)
+    shares = {name: LookupShare(d) for name, d in drafters.items() if isinstance(d, PromptLookupDrafter)}
+    rows = []
+    for name, drafter in drafters.items():
+        started = time.perf_counter()
+        metrics = replay_runs(target, {name: drafter}, prompts, outputs, gamma=args.gamma,
+                              max_new_tokens=args.max_new_tokens)[name]
+        m = metrics.as_dict()
+        share = shares[name].share if name in shares else None
+        rows.append((name, m["acceptance_rate"], m["mean_accepted_length"], m["num_steps"],
+                     m["num_draft_tokens"] / max(m["num_steps"], 1), share, time.perf_counter() - started))
+        print(f"{name}: α {rows[-1][1]:.3f} τ {rows[-1][2]:.3f}", file=sys.stderr)
+    tokens = sum(len(o) for o in outputs)
+    print(f"\nSmolLM2-135M-Instruct ({args.dtype}), aclsum {args.split}[:{len(prompts)}] chat prompts, greedy, "
+          f"{args.max_new_tokens} new tokens ({tokens} in all), γ {args.gamma}, offline replay; "
+          f"feature drafter: {args.drafter or 'none'}")
+    print("| drafter | α | τ | steps | drafted/step | lookup rows | replay s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, alpha, tau, steps, per_step, share, seconds in rows:
+        share_text = "-" if share is None else f"{share:.2f}"
+        print(f"| {name} | {alpha:.3f} | {tau:.3f} | {steps} | {per_step:.2f} | {share_text} | {seconds:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
