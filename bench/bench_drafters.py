@@ -10,7 +10,8 @@ and each drafter's cost per step against a target forward (c).
   - CNN (3 causal conv layers, k=4, dim 256) and LSTM (1 layer, 256) at vocab 32128 (T5) and
     49152 (SmolLM2), embeddings 768 / 576 wide projected to 256.
   - n-gram: n=4 on the aclsum train references, contexts from the test references.
-* ``test_cost_per_step_*``: per drafter, the time of one drafter.draft(γ=5) call divided by γ,
+* ``test_cost_per_step_*``: per drafter (the CNN and LSTM with a full head and with an 8192-id
+  shortlisted head), the time of one drafter.draft(γ=5) call divided by γ,
   and c = that / the time of one single-token cached target forward, for a FLAN-T5-base-shaped
   target (random weights, 12+12 layers, d_model 768, vocab 32128) with a 128-token source, and
   for the real SmolLM2-135M-Instruct with an aclsum chat prompt.
@@ -214,18 +215,39 @@ def _step(generated):
                      active=torch.ones(1, dtype=torch.bool), gamma=GAMMA)
 
 
+SHORTLIST = 8192  # the default shortlisted head of the CNN/LSTM drafters (fastspec train)
+
+
+def _shortlist(train_refs, vocab: int, size: int = SHORTLIST) -> torch.Tensor:
+    """[size] target ids: the references' labels by frequency (build_shortlist), then the lowest
+    unused ids, so the head has exactly ``size`` rows whatever the corpus (its cost is what counts)."""
+    from fastspec.distill.feature_data import build_shortlist
+
+    counts = torch.bincount(torch.tensor([t for r in train_refs for t in r]), minlength=vocab)[:vocab]
+    ids = build_shortlist(counts, size)
+    rest = torch.ones(vocab, dtype=torch.bool)
+    rest[ids] = False
+    return torch.cat([ids, rest.nonzero().flatten()[: size - ids.numel()]])
+
+
 def _drafter_lineup(target, train_refs, layer_skip_layers: int, total_layers: int) -> dict:
-    """The drafters whose cost per step the benchmarks compare, built for ``target``."""
+    """The drafters whose cost per step the benchmarks compare, built for ``target``; the CNN and
+    LSTM with a full head and with a shortlisted head of SHORTLIST rows."""
     from fastspec import drafters as fd
 
-    ngram = fd.NgramDrafter.create(4, introspect.vocab_size(target),
-                                   start_token_id=introspect.decoder_start_token_id(target)).fit(train_refs)
+    vocab = introspect.vocab_size(target)
+    ngram = fd.NgramDrafter.create(4, vocab, start_token_id=introspect.decoder_start_token_id(target)).fit(train_refs)
+    shortlist = _shortlist(train_refs, vocab)
     return {
         "prompt lookup": fd.PromptLookupDrafter(),
         "prompt lookup + n-gram": fd.PromptLookupDrafter(fallback=ngram),
         "n-gram (n=4)": ngram,
         "CNN (dim 256)": fd.CNNDrafter.from_target(target, dim=256, num_layers=3, kernel_size=4),
+        f"CNN (dim 256, shortlist {SHORTLIST})": fd.CNNDrafter.from_target(target, dim=256, num_layers=3, kernel_size=4,
+                                                                          shortlist=shortlist),
         "LSTM (256)": fd.LSTMDrafter.from_target(target, dim=256, hidden_size=256),
+        f"LSTM (256, shortlist {SHORTLIST})": fd.LSTMDrafter.from_target(target, dim=256, hidden_size=256,
+                                                                        shortlist=shortlist),
         f"layer skip ({layer_skip_layers} of {total_layers} layers)": fd.LayerSkipDrafter(target, layer_skip_layers),
     }
 

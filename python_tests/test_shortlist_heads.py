@@ -364,3 +364,12 @@ def test_kd_from_the_topk_cache_on_the_shortlist_equals_online(tmp_path):
         losses[mode] = Trainer(student, items, config, teacher=teacher, pseudo_dir=str(tmp_path / "p")).train().history[0]
     assert losses["cache"]["kd"] == pytest.approx(losses["online"]["kd"], rel=1e-4) and losses["cache"]["kd"] > 0
     assert losses["cache"]["tokens"] == losses["online"]["tokens"]
+
+
+def test_on_policy_samples_of_a_shortlisted_student_are_target_ids_in_the_shortlist(tiny_llama):
+    from fastspec.distill.students import build_student
+
+    ids = _ids(tiny_llama.config.vocab_size, 30)
+    student = build_student("cnn", tiny_llama, options={"dim": 16, "shortlist": ids})
+    samples = student.sample([[5, 6, 7], [8, 9]], max_new_tokens=6, device="cpu")
+    assert all(samples) and all(t in ids.tolist() for row in samples for t in row)

@@ -176,7 +176,7 @@ class NeuralStudent:
             ids, source = self._inputs(source_ids, outputs, device)
             last = torch.tensor([len(o) for o in outputs], device=device)
             head = self.module(ids, source)[torch.arange(len(outputs), device=device), last]  # [B,N]
-            return self.module.head_to_vocab(head)  # [B,V]: target ids are sampled
+            return head if self.shortlist is None else self.shortlist.to_vocab(head)  # [B,V]: target ids
 
         return sample_until_eos(next_logits, len(source_ids), max_new_tokens, self.eos_ids)
 
@@ -202,6 +202,10 @@ class HeadShortlist:
 
     def _index(self, device) -> torch.Tensor:
         return draft_index(self.model.shortlist_ids, self.model.vocab_size).to(device)  # [V] -> row or -1
+
+    def to_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Head logits [...,N] -> [...,V], −inf outside the shortlist."""
+        return self.model.head_to_vocab(logits)
 
     def labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Target ids [...] (-100 = none) -> head rows, -100 where none or outside the shortlist."""
