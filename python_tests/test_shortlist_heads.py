@@ -247,6 +247,14 @@ def test_int8_and_safetensors_round_trip_of_a_shortlisted_drafter(kind, trained,
     for int8 in (quantize_drafter(drafter), load_drafter(str(tmp_path / "d"), dtype="int8")):
         assert torch.equal(int8.model.shortlist_ids, drafter.model.shortlist_ids)
         assert torch.equal(fastspec.generate(model, int8, ids, mask, **kwargs).sequences, ref)
+    # a corrupted map is refused at load time
+    from fastspec.drafters.folder import save_folder
+
+    tensors = {k: v.clone() for k, v in drafter.model.state_dict().items()}
+    tensors["shortlist_ids"][1] = tensors["shortlist_ids"][0]
+    save_folder(str(tmp_path / "bad"), kind, {"model": drafter.model.config_dict(), "start_token_id": None}, tensors)
+    with pytest.raises(ValueError, match="corrupted.*distinct"):
+        load_drafter(str(tmp_path / "bad"))
     # a full-head checkpoint (no shortlist key, no buffer) loads as before
     full = type(drafter).from_target(model, dim=16, **({"hidden_size": 16} if kind == "lstm" else {}))
     full.save(str(tmp_path / "full"))

@@ -210,6 +210,8 @@ class NeuralDrafter(Drafter):
         try:
             model = cls.model_class(**config["model"])
             model.load_state_dict(tensors, strict=True)
-        except (KeyError, TypeError, RuntimeError) as e:
+            if model.shortlist_ids is not None:
+                check_shortlist(model.shortlist_ids, model.vocab_size)
+        except (KeyError, TypeError, RuntimeError, ValueError) as e:
             raise UserError(f"corrupted {cls.kind} drafter in {folder!r}: {type(e).__name__}: {e}") from None
         return cls(model, start_token_id=config.get("start_token_id"), **kwargs)
