@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature drafter: the first fraction of the run (of --max_steps or --time_budget_s) trains "
                    "1 unrolled step only")
     t.add_argument("--shortlist", type=int, default=None,
-                   help="draft-vocabulary shortlist: the head scores only the N most frequent target tokens "
-                   "(feature drafter: default 8192; cnn/lstm: default 0 = the full vocabulary)")
+                   help="feature/cnn/lstm drafters: the head scores only the N most frequent target tokens of the "
+                   "training data, plus EOS (default 8192; cnn/lstm: 0 = the full vocabulary)")
     t.add_argument("--feature_layers", default="-1",
                    help="feature drafter: the target's hidden_states it reads, comma-separated indices "
                    "(-1 = the last layer), or 'eagle3' (layers 2, L/2, L-3 fused)")
