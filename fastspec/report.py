@@ -160,8 +160,10 @@ def plot_speedup_vs_gamma(
     return _save(fig, path)
 
 
-def plot_bars(values: Mapping[str, Mapping[str, float]], path: str, ylabel: str, title: Optional[str] = None) -> str:
-    """Grouped bars: ``values[group][series]``, e.g. α per drafter for baseline vs distilled."""
+def plot_bars(values: Mapping[str, Mapping[str, float]], path: str, ylabel: str, title: Optional[str] = None,
+              intervals: Optional[Mapping[str, Mapping[str, tuple]]] = None) -> str:
+    """Grouped bars: ``values[group][series]``, e.g. α per drafter for baseline vs distilled;
+    ``intervals[group][series]`` = (low, high) draws an error bar (e.g. a 95% bootstrap CI)."""
     plt = _pyplot()
     groups = list(values)
     series: List[str] = []
@@ -173,6 +175,11 @@ def plot_bars(values: Mapping[str, Mapping[str, float]], path: str, ylabel: str,
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
         ys = [values[g].get(s, float("nan")) for g in groups]
         ax.bar(xs, ys, width=width, label=s)
+        bounds = [(intervals or {}).get(g, {}).get(s) for g in groups]
+        if any(b and None not in b for b in bounds):
+            lows = [y - b[0] if b and None not in b else 0.0 for y, b in zip(ys, bounds)]
+            highs = [b[1] - y if b and None not in b else 0.0 for y, b in zip(ys, bounds)]
+            ax.errorbar(xs, ys, yerr=[lows, highs], fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)

@@ -14,7 +14,7 @@ teacher-forced forward per batch over [prompt, output] gives every position's fe
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -202,12 +202,13 @@ def _prompt_width(target, input_ids, kwargs) -> int:
     return 1 if decoder is None else int(torch.as_tensor(decoder).shape[-1])
 
 
-def replay_runs(target, drafters: Mapping[str, object], prompts: Sequence[Sequence[int]],
-                outputs: Sequence[Sequence[int]], *, gamma: int = 5, max_new_tokens: int = 64,
-                batch_size: int = 1, **generate_kwargs) -> Dict[str, GenerationMetrics]:
+def replay_prompts(target, drafters: Mapping[str, object], prompts: Sequence[Sequence[int]],
+                   outputs: Sequence[Sequence[int]], *, gamma: int = 5, max_new_tokens: int = 64,
+                   batch_size: int = 1, **generate_kwargs) -> Dict[str, List[GenerationMetrics]]:
     """Replay every drafter over ``prompts`` (token lists: the causal prompt or the seq2seq encoder
     input) and the target's greedy ``outputs`` (its new tokens per prompt, EOS included, as
-    ``fastspec eval`` records them). Returns {name: merged GenerationMetrics}.
+    ``fastspec eval`` records them). Returns {name: [GenerationMetrics of each chunk of
+    ``batch_size`` prompts]}: one per prompt at the default batch_size 1, for per-prompt statistics.
 
     ``batch_size`` 1 (the default) matches batch-1 engine runs exactly (the γ cap and dynamic γ
     look at the whole batch).
@@ -217,7 +218,7 @@ def replay_runs(target, drafters: Mapping[str, object], prompts: Sequence[Sequen
     model = introspect.hf_model(target) if target is not None else None
     seq2seq = model is not None and introspect.is_encoder_decoder(model)
     pad = introspect.pad_token_id(model) if model is not None else 0
-    merged = {name: GenerationMetrics() for name in drafters}
+    chunks: Dict[str, List[GenerationMetrics]] = {name: [] for name in drafters}
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
         width = max(len(p) for p in chunk)
@@ -231,9 +232,18 @@ def replay_runs(target, drafters: Mapping[str, object], prompts: Sequence[Sequen
         for row, o in enumerate(rows):
             known[row, : len(o)] = torch.tensor(o, dtype=torch.long)
         for name, drafter in drafters.items():
-            merged[name] += _replay_known(target, drafter, known, ids, mask, gamma, None,
-                                          dict(generate_kwargs, max_new_tokens=max_new_tokens))
-    return merged
+            chunks[name].append(_replay_known(target, drafter, known, ids, mask, gamma, None,
+                                              dict(generate_kwargs, max_new_tokens=max_new_tokens)))
+    return chunks
 
 
-__all__ = ["ReplaySession", "replay", "replay_runs"]
+def replay_runs(target, drafters: Mapping[str, object], prompts: Sequence[Sequence[int]],
+                outputs: Sequence[Sequence[int]], *, gamma: int = 5, max_new_tokens: int = 64,
+                batch_size: int = 1, **generate_kwargs) -> Dict[str, GenerationMetrics]:
+    """:func:`replay_prompts`, merged: {name: GenerationMetrics over all prompts}."""
+    chunks = replay_prompts(target, drafters, prompts, outputs, gamma=gamma, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, **generate_kwargs)
+    return {name: sum(parts, GenerationMetrics()) for name, parts in chunks.items()}
+
+
+__all__ = ["ReplaySession", "replay", "replay_prompts", "replay_runs"]

@@ -59,13 +59,16 @@ def teacher_forced_logits(
             input_ids=src, attention_mask=src_mask, decoder_input_ids=dec_in, decoder_attention_mask=dec_mask
         ).logits  # [B,T,V]
         return logits, out_mask.bool()
-    # causal: row = prompt + output, right padded; gather the positions before each output token
-    rows = [list(s) + list(o) for s, o in zip(source_ids, output_ids)]
-    ids, mask = pad_right(rows, pad, device)  # [B,S+T]
+    # causal: prompts left padded, so every row's outputs sit in the same columns and the LM head
+    # (often most of a small model's cost) runs only there (logits_to_keep), not over the prompts
+    if any(len(s) == 0 for s in source_ids):
+        raise ValueError("causal teacher forcing needs a non-empty prompt in every row")
+    src, src_mask = pad_left(source_ids, pad, device)  # [B,S]
+    ids, mask = torch.cat([src, out_ids], dim=1), torch.cat([src_mask, out_mask], dim=1)  # [B,S+T]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # [B,S+T,V]
-    src_len = torch.tensor([len(s) for s in source_ids], device=device)  # [B]
-    steps = torch.arange(out_ids.shape[1], device=device)  # [T]
-    gather_at = (src_len[:, None] - 1 + steps[None, :]).clamp(0, ids.shape[1] - 1)  # [B,T]
-    picked = logits.gather(1, gather_at[..., None].expand(-1, -1, logits.shape[-1]))  # [B,T,V]
-    return picked, out_mask.bool()
+    keep = torch.arange(src.shape[1] - 1, src.shape[1] - 1 + out_ids.shape[1], device=device)  # [T]
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: all positions, then the output columns
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, keep]
+    return logits, out_mask.bool()  # [B,T,V], [B,T]
