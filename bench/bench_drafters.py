@@ -17,7 +17,8 @@ and each drafter's cost per step against a target forward (c).
   for the real SmolLM2-135M-Instruct with an aclsum chat prompt.
 
 Run:   OMP_NUM_THREADS=1 python -m pytest bench/bench_drafters.py -s --benchmark-only
-Knobs: FASTSPEC_BENCH_ROUNDS (default 15), FASTSPEC_MACHINE (written beside the tables).
+Knobs: FASTSPEC_BENCH_ROUNDS (default 15), FASTSPEC_MACHINE (written beside the tables),
+FASTSPEC_BENCH_SHORTLIST (rows of the shortlisted CNN/LSTM heads, default 8192).
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def _step(generated):
                      active=torch.ones(1, dtype=torch.bool), gamma=GAMMA)
 
 
-SHORTLIST = 8192  # the default shortlisted head of the CNN/LSTM drafters (fastspec train)
+SHORTLIST = int(os.environ.get("FASTSPEC_BENCH_SHORTLIST", "8192"))  # default: fastspec train's CNN/LSTM head
 
 
 def _shortlist(train_refs, vocab: int, size: int = SHORTLIST) -> torch.Tensor:
