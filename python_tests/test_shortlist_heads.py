@@ -213,7 +213,7 @@ def trained(tiny_t5, tiny_llama, t5_inputs, llama_inputs):
         for cls, sizes in ((CNNDrafter, dict(dim=32, num_layers=2, kernel_size=3)), (LSTMDrafter, dict(dim=32, hidden_size=32))):
             torch.manual_seed(0)
             drafter = cls.from_target(model, shortlist=shortlist, **sizes)
-            fit_neural_drafter(drafter, sources[:2], outputs[:2], max_steps=20, batch_size=2, lr=3e-2)
+            fit_neural_drafter(drafter, sources[:2], outputs[:2], max_steps=10, batch_size=2, lr=5e-2)
             drafters.append(drafter)
         result[name] = (model, ids, mask, ref, *drafters)
     return result
