@@ -141,8 +141,9 @@ def _teacher_features(model, request, known: torch.Tensor, lengths: torch.Tensor
 
 
 def _replay_known(target, drafter, known: torch.Tensor, input_ids, attention_mask, gamma: int, generation_config,
-                  kwargs: dict) -> GenerationMetrics:
-    """The engine loop over ``known`` [B,N] generated tokens per row (-1 or anything past a row's end)."""
+                  kwargs: dict, feature_cache: Optional[dict] = None) -> GenerationMetrics:
+    """The engine loop over ``known`` [B,N] generated tokens per row (-1 or anything past a row's end).
+    ``feature_cache``: {layers: (features, encoder states)} of these rows, filled and reused."""
     model = _model_for(target, drafter, [input_ids, known])
     model_inputs, kwargs = split_model_inputs(model, dict(kwargs))
     config, options = resolve_generation_config(model, generation_config, **kwargs)
@@ -160,7 +161,10 @@ def _replay_known(target, drafter, known: torch.Tensor, input_ids, attention_mas
     if layers:
         if isinstance(model, _ConfigModel):
             raise UserError("a drafter that reads the target's features needs the target for replay")
-        features, encoder_hidden = _teacher_features(model, request, known, lengths, layers)
+        cache = {} if feature_cache is None else feature_cache
+        if tuple(layers) not in cache:
+            cache[tuple(layers)] = _teacher_features(model, request, known, lengths, layers)
+        features, encoder_hidden = cache[tuple(layers)]
     session = ReplaySession(known, request.prompt_mask.sum(-1), introspect.vocab_size(model), features,
                             encoder_hidden)
     metrics = GenerationMetrics()
@@ -204,14 +208,16 @@ def _prompt_width(target, input_ids, kwargs) -> int:
 
 def replay_prompts(target, drafters: Mapping[str, object], prompts: Sequence[Sequence[int]],
                    outputs: Sequence[Sequence[int]], *, gamma: int = 5, max_new_tokens: int = 64,
-                   batch_size: int = 1, **generate_kwargs) -> Dict[str, List[GenerationMetrics]]:
+                   batch_size: int = 1, feature_cache: Optional[dict] = None,
+                   **generate_kwargs) -> Dict[str, List[GenerationMetrics]]:
     """Replay every drafter over ``prompts`` (token lists: the causal prompt or the seq2seq encoder
     input) and the target's greedy ``outputs`` (its new tokens per prompt, EOS included, as
     ``fastspec eval`` records them). Returns {name: [GenerationMetrics of each chunk of
     ``batch_size`` prompts]}: one per prompt at the default batch_size 1, for per-prompt statistics.
 
     ``batch_size`` 1 (the default) matches batch-1 engine runs exactly (the γ cap and dynamic γ
-    look at the whole batch).
+    look at the whole batch). ``feature_cache``: a dict kept across calls on the same prompts and
+    outputs, so the target's teacher-forced features (for drafters that read them) are computed once.
     """
     if len(prompts) != len(outputs):
         raise UserError(f"{len(prompts)} prompts but {len(outputs)} outputs")
@@ -232,8 +238,9 @@ def replay_prompts(target, drafters: Mapping[str, object], prompts: Sequence[Seq
         for row, o in enumerate(rows):
             known[row, : len(o)] = torch.tensor(o, dtype=torch.long)
         for name, drafter in drafters.items():
+            cache = None if feature_cache is None else feature_cache.setdefault((start, batch_size), {})
             chunks[name].append(_replay_known(target, drafter, known, ids, mask, gamma, None,
-                                              dict(generate_kwargs, max_new_tokens=max_new_tokens)))
+                                              dict(generate_kwargs, max_new_tokens=max_new_tokens), cache))
     return chunks
 
 

@@ -127,6 +127,7 @@ class GridData:
     test_outputs: List[List[int]]  # the target's greedy new tokens per test prompt (batch 1)
     stats: Dict[str, float] = field(default_factory=dict)
     features: Dict[str, Any] = field(default_factory=dict)  # extracted feature data per text kind
+    test_features: Dict[Any, Any] = field(default_factory=dict)  # the target's features on the test outputs
 
 
 # --------------------------------------------------------------------------- data
@@ -272,7 +273,7 @@ def score(target, drafter, data: GridData, s: GridSettings) -> Dict[str, Any]:
     started = time.perf_counter()
     per_prompt: List[GenerationMetrics] = replay_prompts(
         target, {"cell": drafter}, data.test_prompts, data.test_outputs, gamma=s.gamma,
-        max_new_tokens=s.max_new_tokens, **GREEDY)["cell"]
+        max_new_tokens=s.max_new_tokens, feature_cache=data.test_features, **GREEDY)["cell"]
     merged = sum(per_prompt, GenerationMetrics())
     return {"alpha": merged.acceptance_rate, "tau": merged.mean_accepted_length,
             "per_position_acceptance": merged.per_position_acceptance, "replay_s": time.perf_counter() - started,
