@@ -20,8 +20,11 @@ Rules: "min_n m": a row whose last n ≥ m tokens match takes the lookup draft, 
 drafter's; "confirm_n c" (with min_n 1): a match shorter than c is taken only where the feature
 drafter's own first token agrees with the lookup's first token.
 
-Columns: α (accepted / drafted), τ (1 + accepted per step = tokens per target call), steps,
-drafted tokens per step, and "lookup rows" (share of steps whose draft came from the lookup arm).
+Columns: α and τ as the engine's metrics define them (over the steps that drafted: a lookup step
+with no match drafts nothing and is left out of both), then tokens/call = emitted tokens / target
+calls over ALL steps (the figure that compares drafters which sometimes draft nothing), steps
+(target calls), drafted tokens per step, and "lookup rows" (share of steps whose draft came from
+the lookup arm).
 """
 from __future__ import annotations
 
@@ -126,25 +129,26 @@ def main(argv=None) -> int:
     outputs = target_outputs(target, prompts, args)
     drafters = build_drafters(args, target)
     shares = {name: LookupShare(d) for name, d in drafters.items() if isinstance(d, PromptLookupDrafter)}
-    rows = []
+    rows, emitted = [], sum(len(o) for o in outputs)  # greedy: every drafter emits the target's outputs
     for name, drafter in drafters.items():
         started = time.perf_counter()
         metrics = replay_runs(target, {name: drafter}, prompts, outputs, gamma=args.gamma,
                               max_new_tokens=args.max_new_tokens)[name]
         m = metrics.as_dict()
         share = shares[name].share if name in shares else None
-        rows.append((name, m["acceptance_rate"], m["mean_accepted_length"], m["num_steps"],
-                     m["num_draft_tokens"] / max(m["num_steps"], 1), share, time.perf_counter() - started))
+        rows.append((name, m["acceptance_rate"], m["mean_accepted_length"], emitted / max(m["num_steps"], 1),
+                     m["num_steps"], m["num_draft_tokens"] / max(m["num_steps"], 1), share,
+                     time.perf_counter() - started))
         print(f"{name}: α {rows[-1][1]:.3f} τ {rows[-1][2]:.3f}", file=sys.stderr)
-    tokens = sum(len(o) for o in outputs)
     print(f"\nSmolLM2-135M-Instruct ({args.dtype}), aclsum {args.split}[:{len(prompts)}] chat prompts, greedy, "
-          f"{args.max_new_tokens} new tokens ({tokens} in all), γ {args.gamma}, offline replay; "
+          f"{args.max_new_tokens} new tokens ({emitted} in all), γ {args.gamma}, offline replay; "
           f"feature drafter: {args.drafter or 'none'}")
-    print("| drafter | α | τ | steps | drafted/step | lookup rows | replay s |")
-    print("|---|---|---|---|---|---|---|")
-    for name, alpha, tau, steps, per_step, share, seconds in rows:
+    print("| drafter | α | τ | tokens/call | steps | drafted/step | lookup rows | replay s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, alpha, tau, per_call, steps, per_step, share, seconds in rows:
         share_text = "-" if share is None else f"{share:.2f}"
-        print(f"| {name} | {alpha:.3f} | {tau:.3f} | {steps} | {per_step:.2f} | {share_text} | {seconds:.1f} |")
+        print(f"| {name} | {alpha:.3f} | {tau:.3f} | {per_call:.3f} | {steps} | {per_step:.2f} | {share_text} | "
+              f"{seconds:.1f} |")
     return 0
 
 
