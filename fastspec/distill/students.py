@@ -348,6 +348,11 @@ def build_student(kind: str, target, *, init_from: Optional[str] = None, options
     try:
         if kind == "layer_skip":
             return ExitHeadStudent(target, **options)
-        return NeuralStudent(NEURAL_CLASSES[kind].from_target(target, **options), introspect.eos_token_ids(target))
+        # the input embeddings are the target's own (copied in): Adam over all V rows would cost more
+        # than the rest of the drafter per step, so they stay frozen unless asked for
+        train_embeddings = bool(options.pop("train_embeddings", False))
+        student = NeuralStudent(NEURAL_CLASSES[kind].from_target(target, **options), introspect.eos_token_ids(target))
+        student.module.embed.weight.requires_grad_(train_embeddings)
+        return student
     except (TypeError, ValueError) as err:  # an unknown --drafter_config key, or a value out of range
         raise TrainingError(f"--drafter_config does not fit --drafter {kind}: {err}") from None
