@@ -89,6 +89,9 @@ class GridSettings:
     feature_lr: float = 5e-4
     ngram_n: int = 3
     on_policy_max_new_tokens: int = 32
+    # an on-policy step runs the target over prompt + samples (the others read cached logits): ~50×
+    # the compute of an offline step on SmolLM2, so its cells get fewer steps
+    on_policy_steps: int = 30
     speed_prompts: int = 8
     resamples: int = 2000
     seed: int = 0
@@ -104,7 +107,7 @@ class GridSettings:
             raise UserError(f"unknown drafter or method {bad[0]!r}; drafters: {', '.join(DRAFTERS)}; "
                             f"methods: {', '.join(METHODS)}")
         sizes = ("num_train", "num_test", "max_new_tokens", "gamma", "batch_size", "neural_steps", "layer_skip_steps",
-                 "feature_steps", "resamples", "layer_skip_layers")
+                 "feature_steps", "resamples", "layer_skip_layers", "on_policy_steps")
         small = [name for name in sizes if getattr(self, name) < 1]
         if small:
             raise UserError(f"--{small[0]} must be >= 1")
@@ -116,7 +119,7 @@ class GridSettings:
 
 
 QUICK = dict(num_train=12, num_test=8, max_new_tokens=24, neural_steps=8, layer_skip_steps=3, feature_steps=6,
-             on_policy_max_new_tokens=8, speed_prompts=2, resamples=300, topk_logits=16)
+             on_policy_max_new_tokens=8, on_policy_steps=2, speed_prompts=2, resamples=300, topk_logits=16)
 
 
 @dataclass
@@ -231,6 +234,8 @@ def train_cell(target, data: GridData, drafter: str, method: str, s: GridSetting
         trained.save(folder)
         return trained, info
     steps, lr = {"layer_skip": (s.layer_skip_steps, s.layer_skip_lr)}.get(drafter, (s.neural_steps, s.neural_lr))
+    if method == "on_policy":
+        steps = min(steps, s.on_policy_steps)
     config = TrainConfig(out_dir=cell_dir, drafter=drafter, max_steps=steps, batch_size=s.batch_size, lr=lr,
                          warmup_steps=min(10, steps // 10), seed=s.seed, ckpt_every=0, progress=progress,
                          on_policy_max_new_tokens=s.on_policy_max_new_tokens, **method_losses(method))
