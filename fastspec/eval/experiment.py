@@ -118,7 +118,8 @@ class GridSettings:
         return {k: v for k, v in asdict(self).items() if k not in self.FREE}
 
 
-QUICK = dict(num_train=12, num_test=8, max_new_tokens=24, neural_steps=8, layer_skip_steps=3, feature_steps=6,
+QUICK = dict(num_train=12, num_test=6, max_new_tokens=24, neural_steps=8, layer_skip_steps=3, feature_steps=6,
+             layer_skip_layers=1,
              on_policy_max_new_tokens=8, on_policy_steps=2, speed_prompts=2, resamples=300, topk_logits=16)
 
 
