@@ -91,9 +91,9 @@ def write_grid_report(out_dir: str, cells: Sequence[Mapping[str, Any]], speed: M
             alpha[r["drafter"]][r["method"]] = r["alpha"]
             bars[r["drafter"]][r["method"]] = tuple(r["alpha_ci"])
     plot = report.plot_bars(alpha, os.path.join(out_dir, "alpha.png"), "α (replay, greedy)",
-                            "α per drafter and training method (95% bootstrap CI over prompts)", intervals=bars)
+                            "α per cell (95% bootstrap CI)", intervals=bars)
     cell_table = report.markdown_table(_table_rows(records), CELL_COLUMNS)
-    speed_table = report.markdown_table(speed_rows, SPEED_COLUMNS) if speed_rows else "(no finished cell)"
+    speed_table = report.markdown_table(speed_rows, SPEED_COLUMNS) if speed_rows else "not run (--speed_prompts 0, or no finished cell)"
     failed = [r for r in records if r.get("status") != "ok"]
     notes = [f"- {len(records) - len(failed)} of {len(records)} cells finished"
              + (f"; failed: {', '.join(r['drafter'] + '-' + r['method'] for r in failed)}" if failed else ""),
