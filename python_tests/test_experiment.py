@@ -16,6 +16,7 @@ from fastspec.errors import UserError
 from fastspec.eval import experiment
 from fastspec.eval.bootstrap import alpha_interval, ratio_interval, ratio_of_sums, resample_indices
 from fastspec.eval.experiment import GridSettings, check_finite, check_settings, prepare_data, read_cell, run_grid
+from fastspec_subprocess import subprocess_env  # the fastspec under test (installed in CI, with fastspec._C)
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -190,7 +191,8 @@ def test_quick_grid_on_smollm2(tmp_path):
     """`fastspec experiment distill --quick` end to end on the real SmolLM2 + aclsum (≤ 10 min)."""
     out = str(tmp_path / "grid")
     run = subprocess.run([sys.executable, "-m", "fastspec.cli", "experiment", "distill", "--out", out, "--quick",
-                          "--no_progress"], capture_output=True, text=True, timeout=1500)
+                          "--no_progress"], capture_output=True, text=True, timeout=1500, env=subprocess_env(),
+                         cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     saved = json.load(open(os.path.join(out, "results.json")))
     cells = {(c["drafter"], c["method"]) for c in saved["cells"]}
