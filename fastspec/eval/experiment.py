@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -263,7 +264,7 @@ def check_finite(folder: str, losses: Sequence[float] = ()) -> None:
     """A NaN loss or NaN weights end the cell (the drafter would draft garbage, silently)."""
     from safetensors import safe_open
 
-    if any(not (loss == loss) or loss in (float("inf"), float("-inf")) for loss in losses):
+    if not all(math.isfinite(loss) for loss in losses):
         raise UserError("the training loss became NaN/inf")
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
@@ -387,6 +388,10 @@ def run_grid(target, data: GridData, s: GridSettings, out_dir: str, progress: bo
 # --------------------------------------------------------------------------- command line
 
 
+# settings with a flag of their own (shared target flags, lists); every other field gets --<name>
+OWN_FLAGS = ("target", "drafters", "methods", "max_source_length", "dataset")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``fastspec experiment distill`` flags (sizes default to the full grid; --quick shrinks them)."""
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
@@ -400,7 +405,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--drafters", nargs="+", default=list(DRAFTERS), choices=DRAFTERS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     for f in fields(GridSettings):
-        if f.name in ("target", "drafters", "methods", "max_source_length", "dataset"):
+        if f.name in OWN_FLAGS:
             continue
         p.add_argument(f"--{f.name}", type=type(f.default), default=None,
                        help=f"default {f.default} ({QUICK[f.name]} with --quick)" if f.name in QUICK else
@@ -416,7 +421,7 @@ def settings_from_args(args) -> GridSettings:
     if args.quick:
         s = replace(s, **QUICK)
     given = {f.name: getattr(args, f.name) for f in fields(GridSettings) if getattr(args, f.name, None) is not None
-             and f.name not in ("target", "drafters", "methods", "max_source_length", "dataset")}
+             and f.name not in OWN_FLAGS}
     s = replace(s, **given)
     s.check()
     return s
