@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -81,7 +82,8 @@ def _records(seed, count, vocab=3001):
 
 TINY = dict(target="tiny", num_train=6, num_test=4, max_new_tokens=10, gamma=3, topk_logits=8, pseudo_batch_size=3,
             batch_size=3, neural_steps=3, layer_skip_steps=2, layer_skip_layers=1, feature_steps=3,
-            on_policy_max_new_tokens=4, speed_prompts=2, resamples=200, max_source_length=64, max_target_length=16)
+            on_policy_max_new_tokens=4, speed_prompts=2, resamples=200, max_source_length=64, max_target_length=16,
+            workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,22 @@ def test_grid_alpha_equals_the_engine(grid, tiny_llama):
             beta, steps = beta + result.metrics.beta_sum, steps + result.metrics.row_steps
         cell = next(c for c in summary["cells"] if f"{c['drafter']}-{c['method']}" == name)
         assert cell["alpha"] == pytest.approx(beta / steps, abs=1e-12)
+
+
+def test_workers_give_the_cells_one_process_gives(grid, tiny_llama, tmp_path):
+    """--workers 2: the cells run in spawned processes and come out as in one process."""
+    out, settings, data, summary = grid
+    names = ("lstm-seq_kd", "feature-baseline", "feature-fkl_T2", "ngram-seq_kd")
+    parallel = replace(settings, workers=2)
+    cells = [tuple(name.split("-", 1)) for name in names]
+    results = {f"{r['drafter']}-{r['method']}": r for r in
+               experiment.run_cells(tiny_llama, data, parallel, str(tmp_path), cells, progress=False)}
+    assert sorted(results) == sorted(names)
+    for name in names:
+        one = read_cell(out, *name.split("-", 1))
+        assert results[name]["status"] == "ok", results[name].get("error")
+        assert results[name]["alpha"] == one["alpha"] and results[name]["beta_sums"] == one["beta_sums"]
+        assert read_cell(str(tmp_path), *name.split("-", 1))["alpha"] == one["alpha"]
 
 
 def test_failed_cell_is_reported_and_retried(tiny_llama, tmp_path):
@@ -181,6 +199,7 @@ def test_cli_rejects_bad_flags(tmp_path):
 
     assert main(["experiment", "distill", "--out", str(tmp_path), "--num_test", "0"]) == 2
     assert main(["experiment", "distill", "--out", str(tmp_path), "--methods", "seq_kd"]) == 2
+    assert main(["experiment", "distill", "--out", str(tmp_path), "--workers", "-1"]) == 2
 
 
 # --------------------------------------------------------------------------- the real grid

@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -83,24 +84,27 @@ class GridSettings:
     batch_size: int = 8
     neural_steps: int = 300  # CNN and LSTM
     neural_lr: float = 5e-3
-    layer_skip_steps: int = 60
+    layer_skip_steps: int = 30
     layer_skip_lr: float = 1e-3
-    layer_skip_layers: int = 3
-    feature_steps: int = 300
+    layer_skip_layers: int = 2
+    feature_steps: int = 200
     feature_lr: float = 5e-4
     ngram_n: int = 3
     on_policy_max_new_tokens: int = 32
     # an on-policy step runs the target over prompt + samples (the others read cached logits): ~50×
     # the compute of an offline step on SmolLM2, so its cells get fewer steps
-    on_policy_steps: int = 30
+    on_policy_steps: int = 10
     speed_prompts: int = 8
     resamples: int = 2000
     seed: int = 0
+    # cells run in this many processes at once, each with its share of torch's threads (small
+    # drafters use one core poorly); 0 = one per CPU core up to 4 (1 on CUDA)
+    workers: int = 0
     drafters: Sequence[str] = DRAFTERS
     methods: Sequence[str] = METHODS
 
     # settings a cell's result does not depend on: a rerun may change them
-    FREE = ("drafters", "methods", "speed_prompts", "resamples")
+    FREE = ("drafters", "methods", "speed_prompts", "resamples", "workers")
 
     def check(self) -> None:
         bad = [d for d in self.drafters if d not in DRAFTERS] + [m for m in self.methods if m not in METHODS]
@@ -112,6 +116,8 @@ class GridSettings:
         small = [name for name in sizes if getattr(self, name) < 1]
         if small:
             raise UserError(f"--{small[0]} must be >= 1")
+        if self.workers < 0:
+            raise UserError("--workers must be >= 0 (0 = one per CPU core, up to 4)")
         if "baseline" not in self.methods:
             raise UserError("the grid needs the baseline method (every ratio is against it)")
 
@@ -369,18 +375,67 @@ def speed_check(target, out_dir: str, cells: Sequence[Dict[str, Any]], data: Gri
     return rows
 
 
+def _grid_cells(s: GridSettings) -> List[tuple]:
+    return [(d, m) for d in s.drafters for m in s.methods if applies(d, m)]
+
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _portable(model) -> tuple:
+    """What a spawned process needs to rebuild ``model``: HF models hold hooks that do not pickle,
+    their weights do (through shared memory)."""
+    return type(model), model.config, model.generation_config, model.state_dict()
+
+
+def _rebuild(parts: tuple):
+    cls, config, generation_config, state = parts
+    model = cls(config)
+    model.load_state_dict(state)
+    model.generation_config = generation_config
+    return model.to(next(iter(state.values())).device).eval()
+
+
+def _start_worker(target_parts: tuple, data: GridData, s: GridSettings, out_dir: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(target=_rebuild(target_parts), data=data, s=s, out_dir=out_dir)
+
+
+def _run_in_worker(cell: tuple) -> Dict[str, Any]:
+    w = _WORKER
+    return run_cell(w["target"], w["data"], cell[0], cell[1], w["s"], w["out_dir"], progress=False)
+
+
+def run_cells(target, data: GridData, s: GridSettings, out_dir: str, cells: Sequence[tuple], progress: bool):
+    """Yield the result of each (drafter, method) cell as it ends: in this process, or in
+    ``s.workers`` spawned processes that each get the target and the data once."""
+    workers = s.workers or (1 if introspect.model_device(target).type == "cuda" else min(4, os.cpu_count() or 1))
+    if workers <= 1 or len(cells) <= 1:
+        for drafter, method in cells:
+            print(f"fastspec experiment: cell {drafter}-{method}", file=sys.stderr)
+            yield run_cell(target, data, drafter, method, s, out_dir, progress)
+        return
+    data_dir = os.path.join(out_dir, "data")
+    for text in sorted({"references" if m == "baseline" else "pseudo" for d, m in cells if d == "feature"}):
+        _feature_data(target, data, text, s, data_dir, progress)  # extracted once, read back by the workers
+    shared = replace(data, features={}, test_features={})
+    threads = max(1, torch.get_num_threads() // workers)
+    context = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(_portable(introspect.hf_model(target)), shared, s, out_dir, threads)) as pool:
+        for result in pool.map(_run_in_worker, cells):
+            print(f"fastspec experiment: cell {result['drafter']}-{result['method']} {result['status']}",
+                  file=sys.stderr)
+            yield result
+
+
 def run_grid(target, data: GridData, s: GridSettings, out_dir: str, progress: bool = True) -> Dict[str, Any]:
     """Every cell (finished ones are read back), then the speed check and the report."""
-    cells = []
-    for drafter in s.drafters:
-        for method in s.methods:
-            if not applies(drafter, method):
-                continue
-            done = read_cell(out_dir, drafter, method)
-            if done is None or done.get("status") != "ok":
-                print(f"fastspec experiment: cell {drafter}-{method}", file=sys.stderr)
-                done = run_cell(target, data, drafter, method, s, out_dir, progress)
-            cells.append(done)
+    done = {cell: read_cell(out_dir, *cell) for cell in _grid_cells(s)}
+    pending = [cell for cell, result in done.items() if result is None or result.get("status") != "ok"]
+    for result in run_cells(target, data, s, out_dir, pending, progress):
+        done[(result["drafter"], result["method"])] = result
+    cells = list(done.values())
     speed = speed_check(target, out_dir, cells, data, s, progress)
     return write_grid_report(out_dir, cells, speed, data.stats, s.key(), s.gamma, s.resamples, s.seed)
 
@@ -448,4 +503,4 @@ def main(args) -> int:
 
 
 __all__ = ["GridSettings", "GridData", "METHODS", "DRAFTERS", "QUICK", "applies", "prepare_data", "run_grid",
-           "run_cell", "score", "method_losses", "speed_check", "add_arguments", "main"]
+           "run_cell", "run_cells", "score", "method_losses", "speed_check", "add_arguments", "main"]
