@@ -246,3 +246,24 @@ def test_any_encoder_tensor_passes_through(models):
     assert torch.equal(ours.sequences, hf)
     with pytest.raises(ValueError, match="not_an_input"):
         fastspec.generate(model, None, **inputs, not_an_input=torch.zeros(3, 2), max_new_tokens=2)
+
+
+def test_decoder_sequences_start_with_the_decoder_prompt():
+    """A seq2seq row's sequence is its decoder prompt (any padding side) + its generated tokens;
+    without a decoder prompt, the start token (drafters see what the target's decoder reads)."""
+    from fastspec.drafters.base import DraftRequest, DraftStep
+    from fastspec.drafters.context import decoder_sequences
+
+    prompt = torch.tensor([[0, 7, 8], [5, 0, 9]])  # row 1 left-padded: its prompt is [0, 9]
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    step = DraftStep(generated=torch.tensor([[4, 6], [3, -1]]), num_generated=torch.tensor([2, 1]),
+                     active=torch.tensor([True, True]), gamma=2)
+    request = DraftRequest(source_ids=torch.ones(2, 4, dtype=torch.long), source_mask=None, is_encoder_decoder=True,
+                           vocab_size=12, decoder_start_token_id=0, decoder_prompt_ids=prompt, decoder_prompt_mask=mask)
+    seq, lengths = decoder_sequences(request, step, extra=1)
+    assert lengths.tolist() == [5, 3]
+    assert seq.tolist() == [[0, 7, 8, 4, 6, -1], [0, 9, 3, -1, -1, -1]]
+    plain = DraftRequest(source_ids=torch.ones(2, 4, dtype=torch.long), source_mask=None, is_encoder_decoder=True,
+                         vocab_size=12, decoder_start_token_id=0)
+    seq, lengths = decoder_sequences(plain, step)
+    assert lengths.tolist() == [3, 2] and seq.tolist() == [[0, 4, 6], [0, 3, -1]]

@@ -4,8 +4,9 @@ The engine hands drafters padded tensors (``DraftRequest.source_ids`` with any p
 ``DraftStep.generated`` right-padded with -1). Drafters want, per row, the real tokens only:
 
 * the **source**: the encoder input (seq2seq) or the prompt (causal), left-aligned;
-* the **sequence** a decoder-side model reads: ``[decoder_start] + generated`` (seq2seq) or
-  ``prompt + generated`` (causal) -- exactly the target's own decoder/causal input.
+* the **sequence** a decoder-side model reads: ``decoder prompt + generated`` (seq2seq: the
+  caller's ``decoder_input_ids``, else the start token) or ``prompt + generated`` (causal) --
+  exactly the target's own decoder/causal input.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def request_source(request: DraftRequest) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def decoder_sequences(request: DraftRequest, step: DraftStep, source=None, extra: int = 0):
-    """The target's own input sequence per row: [start]+generated (seq2seq) or prompt+generated.
+    """The target's own input sequence per row: decoder prompt + generated (seq2seq; the start
+    token when the request has no decoder prompt) or prompt + generated (causal).
 
     Args:
         source: the precomputed ``request_source(request)`` (causal only).
@@ -65,7 +67,12 @@ def decoder_sequences(request: DraftRequest, step: DraftStep, source=None, extra
     generated = step.generated.long()
     num = step.num_generated.long().to(generated.device)
     batch = num.shape[0]
-    if request.is_encoder_decoder:
+    if request.is_encoder_decoder and request.decoder_prompt_ids is not None:
+        mask = request.decoder_prompt_mask
+        prefix, prefix_len = left_align(request.decoder_prompt_ids,
+                                        torch.ones_like(request.decoder_prompt_ids) if mask is None else mask)
+        prefix, prefix_len = prefix.to(generated.device), prefix_len.to(generated.device)
+    elif request.is_encoder_decoder:
         start = request.decoder_start_token_id if request.decoder_start_token_id is not None else 0
         prefix = torch.full((batch, 1), int(start), dtype=torch.long, device=generated.device)
         prefix_len = torch.ones(batch, dtype=torch.long, device=generated.device)
