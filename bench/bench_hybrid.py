@@ -66,6 +66,34 @@ class LookupShare:
         return self.lookup_rows / max(self.rows, 1)
 
 
+# Out-of-domain text that exists offline: module docstrings of Python's standard library (technical
+# prose with code, never in aclsum). Imported by name; a module missing on a build is skipped.
+PYTHON_DOC_MODULES = (
+    "argparse", "csv", "re", "statistics", "configparser", "socketserver", "wave", "ssl", "http.cookies",
+    "cmd", "site", "socket", "hashlib", "pyclbr", "timeit", "unittest", "copy", "uuid", "plistlib", "pydoc",
+    "xmlrpc.client", "io", "heapq", "struct", "itertools", "sched", "inspect", "xml.etree.ElementTree", "doctest",
+    "gc", "ftplib", "os", "typing", "ast", "http.server", "random", "sqlite3",
+)
+
+
+def python_doc_sources(limit: int, min_chars: int = 700):
+    """Docstrings (≥ min_chars) of PYTHON_DOC_MODULES, as summarization sources."""
+    import importlib
+    import inspect
+
+    sources = []
+    for name in PYTHON_DOC_MODULES:
+        try:
+            doc = inspect.getdoc(importlib.import_module(name)) or ""
+        except ImportError:
+            continue
+        if len(doc) >= min_chars:
+            sources.append(doc)
+        if len(sources) == limit:
+            break
+    return sources
+
+
 def target_outputs(target, prompts, args):
     """The target's greedy new tokens per prompt (EOS included), cached in --outputs_cache."""
     key = {"dtype": str(introspect.model_dtype(target)), "max_new_tokens": args.max_new_tokens, "prompts": prompts}
@@ -113,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--confirm_n", type=int, nargs="*", default=[2, 3],
                    help="hybrids with min_n 1 whose matches shorter than this need the fallback's first token")
     p.add_argument("--split", default="test")
+    p.add_argument("--domain", default="aclsum", choices=("aclsum", "python_docs"),
+                   help="aclsum (in domain for drafters trained on aclsum) or python_docs: docstrings of the "
+                   "standard library (out of domain, offline)")
     p.add_argument("--max_source_length", type=int, default=512)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch_size", type=int, default=10, help="batch of the target's greedy generation")
@@ -122,8 +153,11 @@ def main(argv=None) -> int:
         p.error(f"--drafter {args.drafter}: no such folder (train one, or pass --drafter '')")
     torch.manual_seed(0)
     target, tokenizer = load_target_and_tokenizer("smollm2", "cpu", dtype=args.dtype)
-    examples = load_examples("aclsum", split=args.split, limit=args.num_prompts)
-    prompts = encode_prompts(tokenizer, target, [e.source for e in examples], args.max_source_length)
+    if args.domain == "aclsum":
+        sources = [e.source for e in load_examples("aclsum", split=args.split, limit=args.num_prompts)]
+    else:
+        sources = python_doc_sources(args.num_prompts)
+    prompts = encode_prompts(tokenizer, target, sources, args.max_source_length)
     if args.outputs_cache:
         os.makedirs(os.path.dirname(os.path.abspath(args.outputs_cache)), exist_ok=True)
     outputs = target_outputs(target, prompts, args)
@@ -140,7 +174,8 @@ def main(argv=None) -> int:
                      m["num_steps"], m["num_draft_tokens"] / max(m["num_steps"], 1), share,
                      time.perf_counter() - started))
         print(f"{name}: α {rows[-1][1]:.3f} τ {rows[-1][2]:.3f}", file=sys.stderr)
-    print(f"\nSmolLM2-135M-Instruct ({args.dtype}), aclsum {args.split}[:{len(prompts)}] chat prompts, greedy, "
+    where = f"aclsum {args.split}[:{len(prompts)}]" if args.domain == "aclsum" else f"{len(prompts)} stdlib docstrings"
+    print(f"\nSmolLM2-135M-Instruct ({args.dtype}), {where} chat prompts, greedy, "
           f"{args.max_new_tokens} new tokens ({emitted} in all), γ {args.gamma}, offline replay; "
           f"feature drafter: {args.drafter or 'none'}")
     print("| drafter | α | τ | tokens/call | steps | drafted/step | lookup rows | replay s |")

@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="online: a no-grad target forward per batch; cache: the top-k logits stored by "
                    "`fastspec pseudo --topk_logits K`")
     t.add_argument("--ngram_n", type=int, default=4, help="n of the n-gram drafter")
-    t.add_argument("--feature_data", default="pseudo", choices=("pseudo", "references", "sources"),
+    t.add_argument("--feature_data", default=["pseudo"], nargs="+", choices=("pseudo", "references", "sources"),
                    help="feature drafter: train on the target's own outputs (--pseudo_dataset_path, else generated), "
-                   "or teacher-forced references/sources (no generation)")
+                   "or teacher-forced references/sources (no generation); several kinds are pooled")
     t.add_argument("--unroll", type=int, default=3, help="feature drafter: unrolled steps (weights 0.8^i)")
     t.add_argument("--unroll_ramp", type=float, default=0.0,
                    help="feature drafter: the first fraction of the run (of --max_steps or --time_budget_s) trains "

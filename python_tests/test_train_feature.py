@@ -33,7 +33,7 @@ def test_train_writes_a_loadable_drafter_and_resume_continues(target_dir, tmp_pa
     folder = tmp_path / "resumed" / "drafter"
     meta = json.load(open(folder / "config.json"))
     training = meta["config"]["training"]
-    assert meta["kind"] == "feature" and training["steps"] == 6 and training["feature_data"] == "pseudo"
+    assert meta["kind"] == "feature" and training["steps"] == 6 and training["feature_data"] == ["pseudo"]
     assert training["distill_method"] == "jsd" and training["unroll"] == 2 and training["shortlist"] <= 64
     # resuming from step 4 reaches the weights of one straight 6-step run
     resumed, straight = load_file(str(folder / "model.safetensors")), load_file(
@@ -46,6 +46,18 @@ def test_train_writes_a_loadable_drafter_and_resume_continues(target_dir, tmp_pa
     from fastspec.drafters.io import load_drafter
 
     assert isinstance(load_drafter(str(folder), target), FeatureDrafter)
+
+
+def test_feature_data_kinds_are_pooled(target_dir, tmp_path):  # noqa: F811
+    """--feature_data references sources: both kinds' pairs, in that order, one of each per record."""
+    assert _train(target_dir, tmp_path, "one", "--max_steps", "1", "--feature_data", "references") == 0
+    assert _train(target_dir, tmp_path, "two", "--max_steps", "1", "--feature_data", "sources") == 0
+    assert _train(target_dir, tmp_path, "both", "--max_steps", "1", "--feature_data", "references", "sources",
+                  "references") == 0
+    pairs = {name: json.load(open(tmp_path / name / "feature_pairs.json")) for name in ("one", "two", "both")}
+    assert pairs["both"] == pairs["one"] + pairs["two"]
+    meta = json.load(open(tmp_path / "both" / "drafter" / "config.json"))
+    assert meta["config"]["training"]["feature_data"] == ["references", "sources"]
 
 
 @pytest.mark.parametrize("kind", ["references", "sources"])

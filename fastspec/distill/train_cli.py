@@ -102,9 +102,9 @@ def parse_feature_layers(spec: str, num_layers: Optional[int]) -> Tuple[int, ...
 def train_feature_from_cli(args, target, tokenizer) -> int:
     """``fastspec train --drafter feature``: the EAGLE-style drafter of :mod:`fastspec.distill.feature`.
 
-    Data (``--feature_data``, default pseudo): the target's own outputs (``--pseudo_dataset_path``
-    or generated here, ≤ ``--max_target_length`` tokens), references or sources, cut by
-    ``--num_samples``. Loss per unrolled step i (``--unroll``, weight 0.8^i): ``--loss`` × smooth L1
+    Data (``--feature_data``, default pseudo; several kinds are pooled): the target's own outputs
+    (``--pseudo_dataset_path`` or generated here, ≤ ``--max_target_length`` tokens), references or
+    sources, cut by ``--num_samples``. Loss per unrolled step i (``--unroll``, weight 0.8^i): ``--loss`` × smooth L1
     on the features + w × ``--distill_method`` (fkl/rkl/jsd/tvd) at ``--kd_temp`` against the
     target's distribution on the ``--shortlist`` head, with w = ``--kd_loss`` when > 0, else EAGLE's
     0.1. Drafter and schedule: ``--feature_layers`` (indices or eagle3), ``--topk`` teacher logits,
@@ -123,6 +123,7 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
         for stale in (ckpt_dir, os.path.join(out_dir, "feature_data")):
             shutil.rmtree(stale, ignore_errors=True)
     started = time.perf_counter()
+    kinds = [args.feature_data] if isinstance(args.feature_data, str) else list(dict.fromkeys(args.feature_data))
     if args.resume and os.path.isfile(pairs_file):
         with open(pairs_file, encoding="utf-8") as handle:
             pairs = [tuple(p) for p in json.load(handle)]
@@ -131,8 +132,8 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
             records = load_pseudo_dataset(args.pseudo_dataset_path)[: args.num_samples or None]
         else:
             records = reference_records(args, target, tokenizer)
-        pairs = feature_pairs(target, records, args.feature_data, max_new_tokens=args.max_target_length,
-                              progress=not args.no_progress)
+        pairs = [pair for kind in kinds for pair in feature_pairs(
+            target, records, kind, max_new_tokens=args.max_target_length, progress=not args.no_progress)]
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_text(pairs_file, json.dumps([[list(p), list(o)] for p, o in pairs]))
     if not pairs:
@@ -150,7 +151,7 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
     drafter = train_feature_drafter(target, pairs, config)
     folder = os.path.join(out_dir, "drafter")
     drafter.save(folder)
-    meta = {"drafter": "feature", "feature_data": args.feature_data, "pseudo_dataset": args.pseudo_dataset_path,
+    meta = {"drafter": "feature", "feature_data": kinds, "pseudo_dataset": args.pseudo_dataset_path,
             "loss": args.loss, "kd_loss": config.divergence_weight, "distill_method": args.distill_method,
             "kd_temp": args.kd_temp, "unroll": args.unroll, "unroll_ramp": args.unroll_ramp,
             "shortlist": drafter.train_stats["shortlist_size"], "feature_layers": list(layers), "topk": args.topk,
