@@ -136,6 +136,17 @@ def test_trained_feature_drafter_is_lossless_and_accepts(bigram_llama):
     out = fastspec.generate(bigram_llama, drafter, ids, mask, gamma=4, max_new_tokens=20, eos_token_id=None)
     assert torch.equal(out.sequences, hf)
     assert out.metrics.acceptance_rate > 0.2, out.metrics.acceptance_rate
+    # a confidence threshold drafts fewer, surer tokens and stays lossless; near 1 it drafts none
+    drafter.confidence_threshold = 0.6
+    sure = fastspec.generate(bigram_llama, drafter, ids, mask, gamma=4, max_new_tokens=20, eos_token_id=None)
+    assert torch.equal(sure.sequences, hf)
+    assert 0 < sure.metrics.num_draft_tokens < out.metrics.num_draft_tokens
+    assert sure.metrics.acceptance_rate > out.metrics.acceptance_rate
+    drafter.confidence_threshold = 0.999999
+    none = fastspec.generate(bigram_llama, drafter, ids, mask, gamma=4, max_new_tokens=20, eos_token_id=None)
+    assert torch.equal(none.sequences, hf) and none.metrics.num_draft_tokens == 0
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        FeatureDrafter(drafter.model, confidence_threshold=1.0)
 
 
 def _exact_second_third(model, settings):
@@ -179,3 +190,21 @@ def test_feature_drafter_sampling_matches_target_distribution(request, target, s
     stat, dof = _chi2_stat(counts, _exact_second_third(model, settings) * NUM_SAMPLES)
     assert stat < _chi2_critical(dof), (stat, dof)
     assert 0.0 < out.metrics.acceptance_rate < 1.0
+
+
+def test_confidence_threshold_sampling_matches_target_distribution(tiny_vocab_llama):
+    """Batch 1 (the threshold decides per step for the whole batch): steps draft 2, 1 or 0 tokens as
+    q falls below the threshold, and token 3's marginal is still the target's."""
+    model, settings, draws = tiny_vocab_llama, SETTINGS[sorted(SETTINGS)[0]], 1500
+    drafter = FeatureDrafter(FeatureDrafter.from_target(model).model, confidence_threshold=0.34)
+    widths, thirds = set(), []
+    for seed in range(draws):
+        out = fastspec.generate(model, drafter, torch.tensor([PROMPT]), gamma=2, do_sample=True, max_new_tokens=4,
+                                eos_token_id=None, seed=seed, **settings)
+        widths.add(out.metrics.num_draft_tokens)
+        thirds.append(int(out.sequences[0, len(PROMPT) + 2]))
+    # some requests drafted nothing, some had a 1-token step (odd totals), some drafted 2 at once
+    assert 0 in widths and any(w % 2 for w in widths) and max(widths) >= 2, widths
+    counts = torch.bincount(torch.tensor(thirds), minlength=model.config.vocab_size)
+    stat, dof = _chi2_stat(counts[None], (_exact_second_third(model, settings).sum(0) * draws)[None])
+    assert stat < _chi2_critical(dof), (stat, dof)

@@ -286,10 +286,16 @@ class FeatureDrafter(Drafter):
     hidden_state_layers: Optional[tuple] = DEFAULT_LAYERS
     drafts_from_commits = True  # drafts from its own cache fed by commit, not from DraftStep.generated
 
-    def __init__(self, model: FeatureModel):
+    def __init__(self, model: FeatureModel, confidence_threshold: float = 0.0):
+        """``confidence_threshold``: stop drafting at the first position where every active row's
+        top draft probability is < threshold (like HF's ``assistant_confidence_threshold``): unsure
+        drafts cost verify width and drafter steps and are mostly rejected. 0 = always draft γ."""
+        if not 0.0 <= float(confidence_threshold) < 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1), got {confidence_threshold}")
         self.model = model.eval()
         self.vocab_size = model.vocab_size
         self.hidden_state_layers = model.feature_layers
+        self.confidence_threshold = float(confidence_threshold)
         self.request = None
 
     @classmethod
@@ -366,7 +372,10 @@ class FeatureDrafter(Drafter):
         feature = self._last  # [B,h] f̂ for each row's last token
         with torch.no_grad():
             for s in range(gamma):
-                token, q = self._choose(self.model.head(feature), context, sampling)
+                logits = self.model.head(feature)  # [B,N]
+                token, q = self._choose(logits, context, sampling)
+                if self.confidence_threshold and not self._confident(logits, q, active):
+                    break
                 tokens.append(token)
                 if q is not None:
                     probs.append(q)
@@ -376,7 +385,16 @@ class FeatureDrafter(Drafter):
                 x = self.model.step_input(feature[:, None], token[:, None])  # [B,1,h]
                 feature = self._forward(x, (self._num_feat + s)[:, None])[:, 0]
                 self._drafted += 1
+        if not tokens:
+            return DraftOutput(tokens=torch.zeros(batch, 0, dtype=torch.long, device=self._device))
         return DraftOutput(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1) if probs else None)
+
+    def _confident(self, short_logits: torch.Tensor, q, active: torch.Tensor) -> bool:
+        """Whether some active row's top probability is ≥ the threshold (greedy: softmax over the
+        shortlist; sampling: the processed q). The top probability, not the drawn token's: a
+        decision that looked at the drawn token would skew the drafts away from q (not lossless)."""
+        probs = torch.softmax(short_logits.float(), dim=-1) if q is None else q
+        return bool(((probs.amax(-1) >= self.confidence_threshold) & active).any())
 
     def _context(self) -> torch.Tensor:
         width = int(self._len.max())
@@ -456,7 +474,8 @@ class FeatureDrafter(Drafter):
         save_folder(folder, KIND, self.model.config_dict(), self.model.state_dict())
 
     @classmethod
-    def load(cls, folder: str, target=None, dtype: Optional[torch.dtype] = None) -> "FeatureDrafter":
+    def load(cls, folder: str, target=None, dtype: Optional[torch.dtype] = None,
+             confidence_threshold: float = 0.0) -> "FeatureDrafter":
         """Load a saved drafter and attach ``target``'s embeddings (the target must match)."""
         config, tensors = load_folder(folder, KIND)
         if target is None:
@@ -468,7 +487,7 @@ class FeatureDrafter(Drafter):
             raise UserError(f"corrupted feature drafter in {folder!r}: {type(e).__name__}: {e}") from None
         model.attach_target(target)
         model = model.to(device=introspect.model_device(introspect.hf_model(target)), dtype=dtype)
-        return cls(model)
+        return cls(model, confidence_threshold)
 
 
 __all__ = ["FeatureDrafter", "FeatureModel", "RowKV", "eagle3_layers"]
