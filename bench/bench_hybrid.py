@@ -42,6 +42,7 @@ from fastspec.distill.feature_data import pseudo_pairs
 from fastspec.distill.replay import replay_runs
 from fastspec.drafters import PromptLookupDrafter
 from fastspec.drafters.io import load_drafter
+from fastspec.eval import Decoder, compare, hf_generate_decoder
 from fastspec.targets import load_target_and_tokenizer
 
 
@@ -115,10 +116,19 @@ def target_outputs(target, prompts, args):
 
 def build_drafters(args, target):
     """{name: drafter}: lookup alone, the feature drafter alone, the hybrids."""
-    feature = (lambda: load_drafter(args.drafter, target=target)) if args.drafter else None
+    def feature(threshold=0.0):
+        drafter = load_drafter(args.drafter, target=target)
+        drafter.confidence_threshold = threshold
+        return drafter
+
     drafters = {f"prompt lookup (max_n {n})": PromptLookupDrafter(max_n=n, min_n=1) for n in args.max_n}
-    if feature is not None:
+    if args.drafter:
         drafters["feature drafter"] = feature()
+        for t in args.confidence:
+            drafters[f"feature drafter, confidence ≥ {t}"] = feature(t)
+            for n in args.max_n:
+                drafters[f"hybrid max_n {n} min_n 1, confidence ≥ {t}"] = PromptLookupDrafter(
+                    max_n=n, min_n=1, fallback=feature(t))
         for n in args.max_n:
             for m in args.min_n:
                 if m <= n:
@@ -140,6 +150,10 @@ def main(argv=None) -> int:
     p.add_argument("--min_n", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--confirm_n", type=int, nargs="*", default=[2, 3],
                    help="hybrids with min_n 1 whose matches shorter than this need the fallback's first token")
+    p.add_argument("--confidence", type=float, nargs="*", default=[],
+                   help="also the feature drafter and the hybrid (min_n 1) with these confidence thresholds")
+    p.add_argument("--speed_prompts", type=int, default=0,
+                   help="also time the real engine with every drafter (and HF prompt lookup) on this many prompts")
     p.add_argument("--split", default="test")
     p.add_argument("--domain", default="aclsum", choices=("aclsum", "python_docs"),
                    help="aclsum (in domain for drafters trained on aclsum) or python_docs: docstrings of the "
@@ -184,7 +198,27 @@ def main(argv=None) -> int:
         share_text = "-" if share is None else f"{share:.2f}"
         print(f"| {name} | {alpha:.3f} | {tau:.3f} | {per_call:.3f} | {steps} | {per_step:.2f} | {share_text} | "
               f"{seconds:.1f} |")
+    if args.speed_prompts:
+        timed(args, target, prompts[: args.speed_prompts], drafters)
     return 0
+
+
+def timed(args, target, prompts, drafters):
+    """The real engine on the first prompts: every drafter above and HF's prompt lookup against
+    fastspec's autoregressive decoding, interleaved per prompt (eval.compare)."""
+    decoders = [Decoder(name, drafter, args.gamma) for name, drafter in drafters.items()]
+    decoders.append(hf_generate_decoder(target, "HF prompt_lookup_num_tokens=3", prompt_lookup_num_tokens=3))
+    result = compare(target, decoders, prompts, max_new_tokens=args.max_new_tokens, gamma=args.gamma,
+                     generate_kwargs={"do_sample": False}, progress=False, desc="speed")
+    print(f"\nreal engine, {len(prompts)} prompts, {args.max_new_tokens} new tokens, γ {args.gamma} (fp32, batch 1)")
+    print("| decoder | α | τ | c | speedup vs fastspec AR | identical to AR |")
+    print("|---|---|---|---|---|---|")
+    for row in result.rows:
+        def cell(key, fmt):
+            return "-" if row.get(key) is None else format(row[key], fmt)
+
+        print(f"| {row['name']} | {cell('acceptance_rate', '.3f')} | {cell('mean_accepted_length', '.2f')} | "
+              f"{cell('c', '.3f')} | {cell('speedup', '.2f')}× | {row.get('identical')} |")
 
 
 if __name__ == "__main__":
