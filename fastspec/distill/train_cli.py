@@ -123,7 +123,7 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
         for stale in (ckpt_dir, os.path.join(out_dir, "feature_data")):
             shutil.rmtree(stale, ignore_errors=True)
     started = time.perf_counter()
-    kinds = [args.feature_data] if isinstance(args.feature_data, str) else list(dict.fromkeys(args.feature_data))
+    kinds = list(dict.fromkeys(args.feature_data))  # pooled, each kind once
     if args.resume and os.path.isfile(pairs_file):
         with open(pairs_file, encoding="utf-8") as handle:
             pairs = [tuple(p) for p in json.load(handle)]

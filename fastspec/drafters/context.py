@@ -54,6 +54,21 @@ def request_source(request: DraftRequest) -> Tuple[torch.Tensor, torch.Tensor]:
     return left_align(request.source_ids, mask)
 
 
+def decoder_prefix(request: DraftRequest, source=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(prefix [B,P] left-aligned, -1 padded; lengths [B]) each row's output follows: the seq2seq
+    decoder prompt (else the start token) or the causal prompt (``source``: a precomputed
+    ``request_source(request)``)."""
+    if request.is_encoder_decoder and request.decoder_prompt_ids is not None:
+        mask = request.decoder_prompt_mask
+        return left_align(request.decoder_prompt_ids,
+                          torch.ones_like(request.decoder_prompt_ids) if mask is None else mask)
+    if request.is_encoder_decoder:
+        start = request.decoder_start_token_id if request.decoder_start_token_id is not None else 0
+        return (torch.full((request.batch_size, 1), int(start), dtype=torch.long),
+                torch.ones(request.batch_size, dtype=torch.long))
+    return source if source is not None else request_source(request)
+
+
 def decoder_sequences(request: DraftRequest, step: DraftStep, source=None, extra: int = 0):
     """The target's own input sequence per row: decoder prompt + generated (seq2seq; the start
     token when the request has no decoder prompt) or prompt + generated (causal).
@@ -67,18 +82,8 @@ def decoder_sequences(request: DraftRequest, step: DraftStep, source=None, extra
     generated = step.generated.long()
     num = step.num_generated.long().to(generated.device)
     batch = num.shape[0]
-    if request.is_encoder_decoder and request.decoder_prompt_ids is not None:
-        mask = request.decoder_prompt_mask
-        prefix, prefix_len = left_align(request.decoder_prompt_ids,
-                                        torch.ones_like(request.decoder_prompt_ids) if mask is None else mask)
-        prefix, prefix_len = prefix.to(generated.device), prefix_len.to(generated.device)
-    elif request.is_encoder_decoder:
-        start = request.decoder_start_token_id if request.decoder_start_token_id is not None else 0
-        prefix = torch.full((batch, 1), int(start), dtype=torch.long, device=generated.device)
-        prefix_len = torch.ones(batch, dtype=torch.long, device=generated.device)
-    else:
-        prefix, prefix_len = source if source is not None else request_source(request)
-        prefix, prefix_len = prefix.to(generated.device), prefix_len.to(generated.device)
+    prefix, prefix_len = decoder_prefix(request, source)
+    prefix, prefix_len = prefix.to(generated.device), prefix_len.to(generated.device)
     lengths = prefix_len + num
     width = int(lengths.max()) if batch else 0
     seq = torch.full((batch, width + extra), -1, dtype=torch.long, device=generated.device)

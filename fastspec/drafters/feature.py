@@ -53,7 +53,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
 from fastspec import introspect, ops
 from fastspec.drafters.base import CommitInfo, DraftOutput, Drafter, DraftRequest, DraftStep
-from fastspec.drafters.context import left_align, request_source
+from fastspec.drafters.context import decoder_prefix
 from fastspec.drafters.folder import load_folder, save_folder
 from fastspec.drafters.shortlist import check_shortlist, to_vocab
 from fastspec.errors import UserError
@@ -319,18 +319,7 @@ class FeatureDrafter(Drafter):
             self._encoder_mask = mask.to(self._device)  # [B,S]
         else:
             self._encoder = self._encoder_mask = None
-        # the row's decoder sequence: causal prompt, or the seq2seq decoder prompt / start token
-        decoder_prompt = request.decoder_prompt_ids
-        if request.is_encoder_decoder and decoder_prompt is not None:
-            prompt_mask = request.decoder_prompt_mask
-            if prompt_mask is None:
-                prompt_mask = torch.ones_like(decoder_prompt)
-            seq, lengths = left_align(decoder_prompt, prompt_mask)
-        elif request.is_encoder_decoder:
-            seq = torch.full((batch, 1), int(request.decoder_start_token_id or 0), dtype=torch.long)
-            lengths = torch.ones(batch, dtype=torch.long)
-        else:
-            seq, lengths = request_source(request)
+        seq, lengths = decoder_prefix(request)  # the row's decoder sequence so far
         self._seq = seq.to(self._device)  # [B,C] left-aligned, -1 padded
         self._len = lengths.to(self._device)  # [B]
         self._num_feat = torch.zeros(batch, dtype=torch.long, device=self._device)  # real positions processed

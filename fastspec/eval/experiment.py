@@ -216,10 +216,15 @@ def _feature_data(target, data: GridData, text: str, s: GridSettings, data_dir: 
     return data.features[text]
 
 
+def _feature_text(method: str) -> str:
+    """The text a feature cell is teacher-forced on: the references (baseline) or the target's outputs."""
+    return "references" if method == "baseline" else "pseudo"
+
+
 def train_feature_cell(target, data: GridData, method: str, s: GridSettings, data_dir: str, progress: bool):
     """baseline: the references as text; seq_kd: the target's outputs, EAGLE's loss (smooth L1 on
     features + 0.1 fkl); a divergence cell: the target's outputs, that divergence at weight 1."""
-    text = "references" if method == "baseline" else "pseudo"
+    text = _feature_text(method)
     if method in ("baseline", "seq_kd"):
         divergence, temperature, weight = "fkl", 1.0, 0.1
     else:
@@ -416,7 +421,7 @@ def run_cells(target, data: GridData, s: GridSettings, out_dir: str, cells: Sequ
             yield run_cell(target, data, drafter, method, s, out_dir, progress)
         return
     data_dir = os.path.join(out_dir, "data")
-    for text in sorted({"references" if m == "baseline" else "pseudo" for d, m in cells if d == "feature"}):
+    for text in sorted({_feature_text(m) for d, m in cells if d == "feature"}):
         _feature_data(target, data, text, s, data_dir, progress)  # extracted once, read back by the workers
     shared = replace(data, features={}, test_features={})
     threads = max(1, torch.get_num_threads() // workers)
