@@ -25,8 +25,7 @@ from fastspec.eval import experiment
 from fastspec.data import encode_prompts, encode_references, load_examples
 from fastspec.distill.distributed import init_distributed, shutdown
 from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset
-from fastspec.distill.students import DRAFTER_KINDS
-from fastspec.distill.students import TrainingError
+from fastspec.distill.students import DRAFTER_KINDS, SHORTLISTED_KINDS, TrainingError
 from fastspec.distill.train_cli import check_feature_flags, train_from_cli
 from fastspec.drafters.io import load_drafter
 from fastspec.errors import UserError
@@ -77,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature drafter: the first fraction of the run (of --max_steps or --time_budget_s) trains "
                    "1 unrolled step only")
     t.add_argument("--shortlist", type=int, default=None,
-                   help="feature/cnn/lstm drafters: the head scores only the N most frequent target tokens of the "
-                   "training data, plus EOS (default 8192; cnn/lstm: 0 = the full vocabulary)")
+                   help="feature/cnn/lstm/layer_skip drafters: the head scores only the N most frequent target tokens "
+                   "of the training data, plus EOS (default 8192; cnn/lstm/layer_skip: 0 = the full vocabulary)")
     t.add_argument("--feature_layers", default="-1",
                    help="feature drafter: the target's hidden_states it reads, comma-separated indices "
                    "(-1 = the last layer), or 'eagle3' (layers 2, L/2, L-3 fused)")
@@ -207,8 +206,9 @@ def cmd_train(args) -> int:
     if args.drafter == "feature":
         check_feature_flags(args)
     elif args.shortlist is not None:
-        if args.drafter not in ("cnn", "lstm"):
-            raise TrainingError(f"--shortlist applies to --drafter feature/cnn/lstm, not {args.drafter}")
+        if args.drafter not in SHORTLISTED_KINDS:
+            raise TrainingError(f"--shortlist applies to --drafter feature/{'/'.join(SHORTLISTED_KINDS)}, "
+                                f"not {args.drafter}")
         if args.shortlist < 0:
             raise TrainingError(f"--shortlist must be >= 0 (0 = the full vocabulary), got {args.shortlist}")
         drafter_kwargs["shortlist"] = args.shortlist

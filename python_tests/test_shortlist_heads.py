@@ -1,4 +1,5 @@
-"""Shortlisted output heads for the CNN and LSTM drafters (issue 10 item 4).
+"""Shortlisted output heads for the CNN and LSTM drafters (issue 10 item 4) and the layer-skip
+drafter's trained exit head.
 
 A head of N rows scores N target ids (``shortlist_ids``, the draft → target map). Checked here:
 the native runtime equals the Python twin (greedy tokens and logits, sampled tokens and q on the
@@ -268,13 +269,19 @@ def test_sampling_follows_the_target_with_a_shortlisted_drafter(request, target,
     """q is zero outside the shortlist (7 of 12 ids): the first two tokens still follow the target's
     processed joint law (χ²), the tokens outside coming from the residual."""
     model = request.getfixturevalue(target)
-    settings = SETTINGS["warped"]
     shortlist = [11, 3, 0, 7, 5, 9, 2]
     torch.manual_seed(1)
     cls = CNNDrafter if kind == "cnn" else LSTMDrafter
     drafter = cls.from_target(model, dim=16, shortlist=shortlist, **({"hidden_size": 16} if kind == "lstm" else {}))
     with torch.no_grad():
         drafter.model.head.weight.mul_(8.0)  # a peaked q: its mismatch with p is large
+    _assert_first_two_tokens_follow_the_target(model, drafter, shortlist)
+
+
+def _assert_first_two_tokens_follow_the_target(model, drafter, shortlist):
+    """χ² of the first two sampled tokens against the target's processed joint law; some tokens
+    outside the shortlist are drawn (from the residual), and acceptance is partial."""
+    settings = SETTINGS["warped"]
     vocab = model.config.vocab_size
     ids = torch.tensor([PROMPT]).repeat(NUM_SAMPLES, 1)
     out = fastspec.generate(model, drafter, ids, gamma=2, do_sample=True, max_new_tokens=3, eos_token_id=None, seed=2024,
@@ -379,5 +386,121 @@ def test_on_policy_samples_of_a_shortlisted_student_are_target_ids_in_the_shortl
 
     ids = _ids(tiny_llama.config.vocab_size, 30)
     student = build_student("cnn", tiny_llama, options={"dim": 16, "shortlist": ids})
+    samples = student.sample([[5, 6, 7], [8, 9]], max_new_tokens=6, device="cpu")
+    assert all(samples) and all(t in ids.tolist() for row in samples for t in row)
+
+
+# --------------------------------------------------------------------------- layer-skip exit head
+def _layer_skip(model, num_layers, shortlist, scale=1.0):
+    from fastspec.drafters import LayerSkipDrafter
+    from fastspec.drafters.layer_skip import attach_exit_head, truncated_view
+
+    view = truncated_view(model, num_layers)
+    head = attach_exit_head(view, shortlist=shortlist)
+    with torch.no_grad():
+        head["head"].linear.weight.mul_(scale)
+    return LayerSkipDrafter(model, num_layers, view=view, exit_head=head)
+
+
+def _depth(model):
+    return len(model.decoder.block) if model.config.is_encoder_decoder else len(model.model.layers)
+
+
+@pytest.mark.parametrize("target", ["t5", "llama"])
+def test_layer_skip_with_every_id_shortlisted_in_shuffled_order_is_the_target(target, trained):
+    """All layers and a head of all V ids in a random order: the id map must send every row back to
+    its id, so the drafts are the target's own (greedy α = 1; sampling α ≈ 1: q is p)."""
+    model, ids, mask, ref = trained[target][:4]
+    vocab = model.config.vocab_size
+    drafter = _layer_skip(model, _depth(model), torch.randperm(vocab, generator=torch.Generator().manual_seed(0)))
+    assert drafter.shortlist is not None and drafter.vocab_size == vocab
+    out = fastspec.generate(model, drafter, ids, mask, gamma=4, max_new_tokens=12, pad_token_id=0)
+    assert torch.equal(out.sequences, ref) and out.metrics.acceptance_rate == 1.0
+    out = fastspec.generate(model, drafter, ids, mask, gamma=4, max_new_tokens=12, pad_token_id=0, do_sample=True,
+                            temperature=0.7, top_k=40, top_p=0.9, seed=5)
+    assert out.metrics.acceptance_rate > 0.97, out.metrics.acceptance_rate
+
+
+@pytest.mark.parametrize("target", ["t5", "llama"])
+def test_greedy_is_lossless_with_a_shortlisted_layer_skip_drafter(target, trained):
+    """One layer, a head of 60 ids (some target tokens outside it): batch 3 with padding, γ 1 and 4.
+    Every draft is a target id inside the shortlist."""
+    model, ids, mask, ref, cnn = trained[target][:5]
+    shortlist = cnn.model.shortlist_ids
+    drafter = _layer_skip(model, 1, shortlist)
+    assert drafter.model.lm_head.linear.weight.shape[0] == shortlist.numel() < model.config.vocab_size
+    drafted = []
+    original = drafter.draft
+
+    def spy(step):
+        out = original(step)
+        drafted.append(out.tokens.flatten())
+        return out
+
+    drafter.draft = spy
+    for gamma in (1, 4):
+        out = fastspec.generate(model, drafter, ids, mask, gamma=gamma, max_new_tokens=12, pad_token_id=0)
+        assert torch.equal(out.sequences, ref), (target, gamma)
+    assert bool(torch.isin(torch.cat(drafted), shortlist).all())
+
+
+@pytest.mark.parametrize("target", ["tiny_vocab_llama", "tiny_vocab_t5"])
+def test_sampling_follows_the_target_with_a_shortlisted_layer_skip_drafter(request, target):
+    """q is zero outside the shortlist (7 of 12 ids) and peaked: the first two tokens still follow the
+    target's processed joint law (χ²), the ids outside the shortlist coming from the residual."""
+    model = request.getfixturevalue(target)
+    shortlist = [11, 3, 0, 7, 5, 9, 2]
+    _assert_first_two_tokens_follow_the_target(model, _layer_skip(model, 1, shortlist, scale=8.0), shortlist)
+
+
+def test_trained_shortlisted_layer_skip_saves_loads_and_quantizes(tiny_llama, llama_inputs, tmp_path):
+    """train_drafter(--drafter layer_skip) heads the exit with the training labels' shortlist; the
+    folder stores its size and map; load_drafter(folder, target) and int8 give the same output; a
+    corrupted map or a missing one is one clear error."""
+    from fastspec.errors import UserError
+
+    vocab = tiny_llama.config.vocab_size
+    records = _records(vocab)
+    config = TrainConfig(drafter="layer_skip", max_steps=6, batch_size=6, lr=1e-2, loss=1.0, kd_loss=0.0,
+                         progress=False, out_dir=str(tmp_path / "run"))
+    drafter = train_drafter(tiny_llama, records, config, progress=False,
+                            drafter_options={"num_layers": 1, "shortlist": 16})
+    short = drafter.shortlist.shortlist_ids
+    assert torch.equal(short, label_shortlist(records, 16, vocab, [2], outputs=False))
+    assert not torch.equal(drafter.model.lm_head.linear.weight, tiny_llama.lm_head.weight[short])  # trained
+    folder = str(tmp_path / "run" / "drafter")
+    meta = read_config(folder)
+    assert meta["config"]["shortlist_size"] == 16 and meta["config"]["exit_head"] is True
+    loaded = load_drafter(folder, tiny_llama)
+    assert torch.equal(loaded.shortlist.shortlist_ids, short)
+    ids, mask = llama_inputs[0][:3], llama_inputs[1][:3]
+    ref = tiny_llama.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0)
+    kwargs = dict(gamma=3, max_new_tokens=10, pad_token_id=0)
+    a = fastspec.generate(tiny_llama, drafter, ids, mask, **kwargs)
+    b = fastspec.generate(tiny_llama, loaded, ids, mask, **kwargs)
+    assert torch.equal(a.sequences, ref) and torch.equal(b.sequences, ref)
+    assert a.metrics.num_accepted_tokens == b.metrics.num_accepted_tokens
+    int8 = quantize_drafter(loaded)
+    assert int8.shortlist is not None and torch.equal(fastspec.generate(tiny_llama, int8, ids, mask, **kwargs).sequences, ref)
+    # a map with a repeated id, then a config that promises a shortlist the tensors lack
+    from fastspec.drafters.folder import load_folder, save_folder
+
+    config_dict, tensors = load_folder(folder, "layer_skip")
+    tensors["head.shortlist_ids"][1] = tensors["head.shortlist_ids"][0]
+    save_folder(str(tmp_path / "bad"), "layer_skip", config_dict, tensors)
+    with pytest.raises(UserError, match="distinct"):
+        load_drafter(str(tmp_path / "bad"), tiny_llama)
+    del tensors["head.shortlist_ids"]
+    save_folder(str(tmp_path / "missing"), "layer_skip", config_dict, tensors)
+    with pytest.raises(UserError, match="exit head does not fit"):
+        load_drafter(str(tmp_path / "missing"), tiny_llama)
+
+
+def test_on_policy_samples_of_a_shortlisted_layer_skip_student_are_target_ids_in_the_shortlist(tiny_llama):
+    from fastspec.distill.students import build_student
+
+    ids = _ids(tiny_llama.config.vocab_size, 30)
+    student = build_student("layer_skip", tiny_llama, options={"num_layers": 1, "shortlist": ids})
+    assert student.shortlist is not None and student.module["head"].linear.weight.shape[0] == 30
     samples = student.sample([[5, 6, 7], [8, 9]], max_new_tokens=6, device="cpu")
     assert all(samples) and all(t in ids.tolist() for row in samples for t in row)

@@ -250,8 +250,10 @@ def test_other_drafters_train_save_and_load(kind, tmp_path):
     a = fastspec.generate(target, trained, input_ids=ids, gamma=3, max_new_tokens=8)
     b = fastspec.generate(target, loaded, input_ids=ids, gamma=3, max_new_tokens=8)
     assert torch.equal(a.sequences, b.sequences) and a.metrics["num_accepted_tokens"] == b.metrics["num_accepted_tokens"]
-    if kind == "layer_skip":  # the exit head was trained, the target's own head is untouched
-        assert not torch.equal(loaded.model.lm_head.weight, target.lm_head.weight)
+    if kind == "layer_skip":  # the exit head (over the labels' shortlist) was trained; the target's is untouched
+        short = loaded.shortlist.shortlist_ids
+        assert short.numel() < V and torch.equal(short, trained.shortlist.shortlist_ids)
+        assert not torch.equal(loaded.model.lm_head.linear.weight, target.lm_head.weight[short])
 
 
 @pytest.mark.parametrize("k", [64, 8])

@@ -259,20 +259,32 @@ def pad_rows(rows: Sequence[Sequence[int]], device, pad: int = -1) -> torch.Tens
 
 class ExitHeadStudent:
     """``--drafter layer_skip``: ``module`` = trainable copies of the target's final norm + LM head
-    on top of its first ``num_layers`` decoder layers (every other weight stays the target's)."""
+    on top of its first ``num_layers`` decoder layers (every other weight stays the target's).
+    ``shortlist`` ([N] target ids, :func:`label_shortlist`): the head covers only those ids."""
 
-    def __init__(self, target, num_layers: int = 1):
+    def __init__(self, target, num_layers: int = 1, shortlist=None):
         self.target = target
         self.num_layers = int(num_layers)
         self.view = truncated_view(target, self.num_layers)
-        self.module = attach_exit_head(self.view)
+        self.module = attach_exit_head(self.view, shortlist=shortlist)
         self.vocab_size = introspect.vocab_size(target)
+        self.shortlist = HeadShortlist(self.module["head"]) if shortlist is not None else None
 
     def logits(self, module, source_ids, output_ids, device):
+        """Teacher-forced head logits [B,T,N] (N = V for a full head) and mask [B,T]."""
         return teacher_forced_logits(_Forward(self.view, self.view), source_ids, output_ids, device=device)
 
+    @torch.no_grad()
     def sample(self, source_ids, max_new_tokens, device):
-        return HFStudent(self.view).sample(source_ids, max_new_tokens, device)
+        if self.shortlist is None:
+            return HFStudent(self.view).sample(source_ids, max_new_tokens, device)
+
+        def next_logits(outputs):  # the whole prefix each step: on-policy samples are short
+            logits, _ = self.logits(self.module, source_ids, [o + [0] for o in outputs], device)
+            last = torch.tensor([len(o) for o in outputs], device=device)
+            return self.shortlist.to_vocab(logits[torch.arange(len(outputs), device=device), last])  # [B,V]
+
+        return sample_until_eos(next_logits, len(source_ids), max_new_tokens, introspect.eos_token_ids(self.target))
 
     def as_drafter(self) -> LayerSkipDrafter:
         return LayerSkipDrafter(self.target, self.num_layers, view=self.view, exit_head=self.module)
@@ -285,6 +297,7 @@ class ExitHeadStudent:
 
 NEURAL_CLASSES = {"lstm": drafters.LSTMDrafter, "cnn": drafters.CNNDrafter}
 DRAFTER_KINDS = ("t5small", "hf") + tuple(NEURAL_CLASSES) + ("layer_skip",)
+SHORTLISTED_KINDS = tuple(NEURAL_CLASSES) + ("layer_skip",)  # trained heads that may cover a shortlist
 
 
 def fresh_hf_drafter_model(target, options: dict):

@@ -35,7 +35,7 @@ from fastspec.distill.distributed import DistInfo
 from fastspec.distill.losses import DIVERGENCES, divergence, masked_cross_entropy
 from fastspec.distill.pseudo import load_topk_cache, load_topk_logits
 from fastspec.distill.students import (
-    DEFAULT_SHORTLIST, NEURAL_CLASSES, NeuralStudent, TrainingError, build_student, label_shortlist,
+    DEFAULT_SHORTLIST, NEURAL_CLASSES, SHORTLISTED_KINDS, NeuralStudent, TrainingError, build_student, label_shortlist,
 )
 from fastspec.distill.teacher import pad_left, pad_right, teacher_forced_logits
 from fastspec.drafters import NgramDrafter
@@ -495,7 +495,7 @@ def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progr
 
     records: dicts with ``source_ids`` and ``reference_ids`` and/or ``output_ids`` (a loaded
     pseudo-dataset, or encoded examples).
-    drafter_options: the drafter's sizes; for cnn/lstm, ``shortlist`` (int, default
+    drafter_options: the drafter's sizes; for cnn/lstm/layer_skip, ``shortlist`` (int, default
     :data:`~fastspec.distill.students.DEFAULT_SHORTLIST`; 0 = a full head) heads the drafter with the
     most frequent labels it trains on (:func:`~fastspec.distill.students.label_shortlist`) plus EOS.
     """
@@ -514,7 +514,7 @@ def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progr
             stamp_training(folder, meta)
         return drafter
     options = dict(drafter_options or {})
-    if config.drafter in NEURAL_CLASSES:  # a shortlisted head over the records' most frequent labels (+ EOS)
+    if config.drafter in SHORTLISTED_KINDS:  # a shortlisted head over the records' most frequent labels (+ EOS)
         options["shortlist"] = label_shortlist(records, options.pop("shortlist", DEFAULT_SHORTLIST),
                                                introspect.vocab_size(model), introspect.eos_token_ids(model),
                                                references=config.loss > 0, outputs=config.kd_loss > 0)

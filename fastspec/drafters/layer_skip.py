@@ -9,16 +9,21 @@ scaling before a tied head. Drafting, the KV cache and its rollback are :class:`
 The exit (final norm + LM head) was trained to read the *last* layer; ``fastspec train
 --drafter layer_skip`` fits trainable copies of it to layer k (:func:`attach_exit_head`), which
 the drafter folder then stores (``exit_head: true``); every other weight stays the target's.
+The trained head may cover a shortlist of N target ids (:class:`ShortlistHead`, the CNN/LSTM and
+feature drafters' draft vocabulary): at N = 8192 of SmolLM2's 49152 it is most of a drafted
+token's cost saved, and q stays exact (zero outside the shortlist).
 """
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 
 from fastspec import introspect
 from fastspec.drafters.folder import load_folder, save_folder
 from fastspec.drafters.hf import HFDrafter
+from fastspec.drafters.shortlist import check_shortlist, to_vocab
 from fastspec.errors import UserError
 
 KIND = "layer_skip"
@@ -95,21 +100,56 @@ def decoder_layers(view) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(view).__name__}")
 
 
-def attach_exit_head(view, state=None) -> torch.nn.ModuleDict:
+class ShortlistHead(torch.nn.Module):
+    """An exit head over N target ids: hidden [..., D] -> logits [..., N], row i scoring target id
+    ``shortlist_ids[i]`` (started as the target LM head's row of that id). ``shortlist_ids`` and
+    ``vocab_size`` are what :class:`fastspec.distill.students.HeadShortlist` reads to train it."""
+
+    def __init__(self, head: torch.nn.Linear, ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.vocab_size = int(vocab_size)
+        ids = check_shortlist(ids, self.vocab_size).to(head.weight.device)
+        self.linear = torch.nn.Linear(head.in_features, ids.numel(), bias=head.bias is not None,
+                                      device=head.weight.device, dtype=head.weight.dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(head.weight[ids])
+            if head.bias is not None:
+                self.linear.bias.copy_(head.bias[ids])
+        self.register_buffer("shortlist_ids", ids)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden)
+
+    def head_to_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Head logits [..., N] -> float32 [..., V], −inf outside the shortlist."""
+        return to_vocab(logits, self.shortlist_ids, self.vocab_size)
+
+
+def attach_exit_head(view, state=None, shortlist=None) -> torch.nn.ModuleDict:
     """Give ``view`` its own trainable copies of the final norm + LM head (loaded from ``state``
-    when given); the target's own modules are untouched."""
+    when given); the target's own modules are untouched. ``shortlist`` ([N] target ids): the head
+    copies only those rows (:class:`ShortlistHead`)."""
     (norm_owner, norm_name), (head_owner, head_name) = exit_modules(view)
-    head = torch.nn.ModuleDict({
-        "norm": copy.deepcopy(getattr(norm_owner, norm_name)),
-        "head": copy.deepcopy(getattr(head_owner, head_name)),
-    })
+    target_head = getattr(head_owner, head_name)
+    if shortlist is None:
+        head = copy.deepcopy(target_head)
+    else:
+        head = ShortlistHead(target_head, torch.as_tensor(shortlist), introspect.vocab_size(view))
+    exit_head = torch.nn.ModuleDict({"norm": copy.deepcopy(getattr(norm_owner, norm_name)), "head": head})
     if state is not None:
-        head.load_state_dict(state, strict=True)
-    for p in head.parameters():
+        exit_head.load_state_dict(state, strict=True)
+    for p in exit_head.parameters():
         p.requires_grad_(True)
-    setattr(norm_owner, norm_name, head["norm"])
-    setattr(head_owner, head_name, head["head"])
-    return head
+    setattr(norm_owner, norm_name, exit_head["norm"])
+    setattr(head_owner, head_name, exit_head["head"])
+    return exit_head
+
+
+def shortlist_head(view) -> Optional[ShortlistHead]:
+    """The view's exit head if it is shortlisted, else None."""
+    head_owner, head_name = exit_modules(view)[1]
+    head = getattr(head_owner, head_name)
+    return head if isinstance(head, ShortlistHead) else None
 
 
 def _check_k(k: int, total: int) -> None:
@@ -130,15 +170,26 @@ class LayerSkipDrafter(HFDrafter):
     def __init__(self, target: torch.nn.Module, num_layers: int = 1, *, view=None, exit_head=None, **kwargs):
         self.num_layers = int(num_layers)
         self.exit_head = exit_head
-        super().__init__(view if view is not None else truncated_view(target, self.num_layers), **kwargs)
+        view = view if view is not None else truncated_view(target, self.num_layers)
+        self.shortlist = shortlist_head(view)
+        if self.shortlist is not None:  # the view's logits are N wide; the drafter speaks target ids
+            kwargs.setdefault("vocab_size", self.shortlist.vocab_size)
+        super().__init__(view, **kwargs)
+
+    def _forward(self, seq: torch.Tensor, start: int, stop: int, last_only: bool) -> torch.Tensor:
+        logits = super()._forward(seq, start, stop, last_only)
+        return logits if self.shortlist is None else self.shortlist.head_to_vocab(logits)
 
     def save(self, folder: str) -> None:
         """The config, plus the trained exit head if there is one; the other weights are the
         target's (pass it again to :meth:`load`)."""
         if self.exit_head is None:
             save_folder(folder, KIND, {"num_layers": self.num_layers})
-        else:
-            save_folder(folder, KIND, {"num_layers": self.num_layers, "exit_head": True}, self.exit_head.state_dict())
+            return
+        config = {"num_layers": self.num_layers, "exit_head": True}
+        if self.shortlist is not None:
+            config["shortlist_size"] = int(self.shortlist.shortlist_ids.numel())
+        save_folder(folder, KIND, config, self.exit_head.state_dict())
 
     @classmethod
     def load(cls, folder: str, target=None, **kwargs) -> "LayerSkipDrafter":
@@ -155,11 +206,13 @@ class LayerSkipDrafter(HFDrafter):
             raise UserError(f"{folder}: {err}") from None
         exit_head = None
         if config.get("exit_head"):
+            ids = tensors.get("head.shortlist_ids") if config.get("shortlist_size") else None
             try:
-                exit_head = attach_exit_head(view, tensors)
-            except RuntimeError as err:
+                exit_head = attach_exit_head(view, tensors, shortlist=ids)
+            except (RuntimeError, UserError) as err:
                 raise UserError(f"{folder}: the exit head does not fit this target: {err}") from None
         return cls(target, num_layers, view=view, exit_head=exit_head, **kwargs)
 
 
-__all__ = ["LayerSkipDrafter", "truncated_view", "attach_exit_head", "exit_modules", "decoder_layers"]
+__all__ = ["LayerSkipDrafter", "ShortlistHead", "truncated_view", "attach_exit_head", "shortlist_head", "exit_modules",
+           "decoder_layers"]
