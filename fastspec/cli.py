@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min_lr_ratio", type=float, default=0.1, help="feature drafter: the decayed lr's floor, × --lr")
     t.add_argument("--time_budget_s", type=float, default=None,
                    help="feature drafter: stop training after this many seconds (and at --max_steps, whichever first)")
-    t.add_argument("--init_from", default=None, help="t5small/hf: a local HF folder to start from (the drafter model)")
+    t.add_argument("--init_from", default=None, help="t5small/hf: a local HF folder to start from (the drafter model); "
+                   "cnn/lstm/layer_skip: a saved drafter folder of that kind to continue (its sizes and shortlist)")
     t.add_argument("--drafter_config", default="{}",
                    help='JSON of drafter architecture options, e.g. \'{"hidden_size": 256, "num_layers": 1}\'')
     t.add_argument("--max_target_length", type=int, default=128, help="cut references to this many tokens")

@@ -150,6 +150,29 @@ def test_workers_give_the_cells_one_process_gives(grid, tiny_llama, tmp_path):
         assert read_cell(str(tmp_path), *name.split("-", 1))["alpha"] == one["alpha"]
 
 
+def test_on_policy_cells_continue_the_baseline_drafter(grid, tiny_llama, tmp_path):
+    """on_policy = the baseline cell's drafter + on_policy_steps of KD on its own samples: same sizes
+    and shortlist as the baseline, weights moved a little from it (a fresh init is far away). Without
+    a finished baseline the cell fails with one line."""
+    out, settings, data, _ = grid
+    for kind in ("cnn", "lstm", "layer_skip"):
+        base, on = (load_drafter(os.path.join(out, "cells", f"{kind}-{m}", "drafter"), tiny_llama)
+                    for m in ("baseline", "on_policy"))
+        if kind == "layer_skip":
+            a, b = base.exit_head.state_dict(), on.exit_head.state_dict()
+            assert torch.equal(base.shortlist.shortlist_ids, on.shortlist.shortlist_ids)
+        else:
+            a, b = base.model.state_dict(), on.model.state_dict()
+            assert torch.equal(base.model.shortlist_ids, on.model.shortlist_ids)
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+        moved = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+        assert moved, kind
+        for k in moved:
+            assert float((b[k] - a[k]).norm() / a[k].norm().clamp_min(1e-6)) < 0.5, (kind, k)
+    result = experiment.run_cell(tiny_llama, data, "cnn", "on_policy", settings, str(tmp_path), progress=False)
+    assert result["status"] == "failed" and "cnn-baseline cell, which has not finished" in result["error"]
+
+
 def test_failed_cell_is_reported_and_retried(tiny_llama, tmp_path):
     out = str(tmp_path)
     settings = GridSettings(**TINY, drafters=("lstm",), methods=("baseline", "fkl_T1"))

@@ -309,3 +309,30 @@ def test_on_policy_samples_of_cnn_lstm_students_stop_at_eos():
     # rows end at their own EOS; a row without EOS runs to max_new_tokens
     student.eos_ids = [V - 1]
     assert student.sample([[5, 6]], max_new_tokens=4, device="cpu") == [[1, 1, 1, 1]]
+
+
+def test_init_from_continues_a_saved_drafter_and_refuses_mismatches(tmp_path):
+    """--init_from <drafter folder> for cnn/layer_skip: the student starts as the saved drafter
+    (weights, shortlist); another kind, or sizes passed beside it, are one-line TrainingErrors."""
+    from fastspec.distill.students import build_student
+    from fastspec.distill.trainer import train_drafter
+
+    target = _spread(tiny_t5(vocab_size=V, seed=3, layers=2), seed=4)
+    records = [{"source_ids": it.source_ids, "reference_ids": it.reference_ids} for it in _items(12)]
+    for kind, options in (("cnn", {"dim": 16}), ("layer_skip", {"num_layers": 1})):
+        out = tmp_path / kind
+        config = TrainConfig(out_dir=str(out), drafter=kind, max_steps=3, batch_size=4, progress=False)
+        saved = train_drafter(target, records, config, progress=False, drafter_options=options)
+        student = build_student(kind, target, init_from=str(out / "drafter"))
+        want = saved.exit_head.state_dict() if kind == "layer_skip" else saved.model.state_dict()
+        got = student.module.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        short = saved.shortlist.shortlist_ids if kind == "layer_skip" else saved.model.shortlist_ids
+        assert short is not None and student.shortlist is not None  # V's labels are fewer than V ids
+        assert torch.equal(student.shortlist.model.shortlist_ids, short)
+        with pytest.raises(TrainingError, match="drop"):
+            build_student(kind, target, init_from=str(out / "drafter"), options=options)
+    with pytest.raises(TrainingError, match="holds a CNNDrafter, not a --drafter lstm"):
+        build_student("lstm", target, init_from=str(tmp_path / "cnn" / "drafter"))
+    with pytest.raises(TrainingError, match="holds a LayerSkipDrafter, not a --drafter cnn"):
+        build_student("cnn", target, init_from=str(tmp_path / "layer_skip" / "drafter"))

@@ -21,7 +21,10 @@ from fastspec.distill.feature import shortlist_teacher_logits
 from fastspec.distill.feature_data import build_shortlist
 from fastspec.distill.pseudo import strip_output
 from fastspec.distill.teacher import pad_left, pad_right, teacher_forced_logits
-from fastspec.drafters.layer_skip import LayerSkipDrafter, attach_exit_head, truncated_view
+from fastspec.drafters.io import load_drafter
+from fastspec.drafters.layer_skip import (
+    LayerSkipDrafter, ShortlistHead, VocabLogits, attach_exit_head, exit_modules, truncated_view,
+)
 from fastspec.drafters.shortlist import draft_index
 from fastspec.errors import UserError
 
@@ -262,29 +265,34 @@ class ExitHeadStudent:
     on top of its first ``num_layers`` decoder layers (every other weight stays the target's).
     ``shortlist`` ([N] target ids, :func:`label_shortlist`): the head covers only those ids."""
 
-    def __init__(self, target, num_layers: int = 1, shortlist=None):
+    def __init__(self, target, num_layers: int = 1, shortlist=None, *, drafter: Optional[LayerSkipDrafter] = None):
         self.target = target
-        self.num_layers = int(num_layers)
-        self.view = truncated_view(target, self.num_layers)
-        self.module = attach_exit_head(self.view, shortlist=shortlist)
+        if drafter is not None:  # continue a saved drafter: its depth, its exit head (one is attached if none)
+            self.num_layers, self.view = drafter.num_layers, drafter.model
+            self.module = drafter.exit_head if drafter.exit_head is not None else attach_exit_head(self.view)
+            for p in self.module.parameters():
+                p.requires_grad_(True)
+        else:
+            self.num_layers = int(num_layers)
+            self.view = truncated_view(target, self.num_layers)
+            self.module = attach_exit_head(self.view, shortlist=shortlist)
         self.vocab_size = introspect.vocab_size(target)
-        self.shortlist = HeadShortlist(self.module["head"]) if shortlist is not None else None
+        head = self.module["head"]
+        self.shortlist = HeadShortlist(head) if isinstance(head, ShortlistHead) else None
 
     def logits(self, module, source_ids, output_ids, device):
         """Teacher-forced head logits [B,T,N] (N = V for a full head) and mask [B,T]."""
         return teacher_forced_logits(_Forward(self.view, self.view), source_ids, output_ids, device=device)
 
-    @torch.no_grad()
     def sample(self, source_ids, max_new_tokens, device):
         if self.shortlist is None:
             return HFStudent(self.view).sample(source_ids, max_new_tokens, device)
-
-        def next_logits(outputs):  # the whole prefix each step: on-policy samples are short
-            logits, _ = self.logits(self.module, source_ids, [o + [0] for o in outputs], device)
-            last = torch.tensor([len(o) for o in outputs], device=device)
-            return self.shortlist.to_vocab(logits[torch.arange(len(outputs), device=device), last])  # [B,V]
-
-        return sample_until_eos(next_logits, len(source_ids), max_new_tokens, introspect.eos_token_ids(self.target))
+        owner, name = exit_modules(self.view)[1]
+        setattr(owner, name, VocabLogits(self.module["head"]))  # generate samples target ids, KV-cached
+        try:
+            return HFStudent(self.view).sample(source_ids, max_new_tokens, device)
+        finally:
+            setattr(owner, name, self.module["head"])
 
     def as_drafter(self) -> LayerSkipDrafter:
         return LayerSkipDrafter(self.target, self.num_layers, view=self.view, exit_head=self.module)
@@ -346,9 +354,27 @@ def _hf_model_from(init_from: str):
     return loader.from_pretrained(init_from)
 
 
+def _student_from_folder(kind: str, target, folder: str, options: dict):
+    """A CNN/LSTM/layer-skip student that continues the drafter saved in ``folder`` (its sizes,
+    shortlist and weights: fine-tuning, or on-policy KD after a first training)."""
+    if options:
+        raise TrainingError(f"--init_from {folder}: the drafter's sizes come from its folder; drop "
+                            f"{', '.join(sorted(options))} (--drafter_config / --shortlist)")
+    drafter = load_drafter(folder, target)  # a damaged folder is a one-line UserError
+    expected = LayerSkipDrafter if kind == "layer_skip" else NEURAL_CLASSES[kind]
+    if not isinstance(drafter, expected):
+        raise TrainingError(f"--init_from {folder} holds a {type(drafter).__name__}, not a --drafter {kind}")
+    if kind == "layer_skip":
+        return ExitHeadStudent(target, drafter=drafter)
+    drafter.model.embed.weight.requires_grad_(False)  # as for a fresh student: the target's embeddings
+    return NeuralStudent(drafter, introspect.eos_token_ids(target))
+
+
 def build_student(kind: str, target, *, init_from: Optional[str] = None, options: Optional[dict] = None, seed: int = 0):
-    """The trainable student for ``--drafter kind`` against ``target`` (an HF model). For cnn/lstm,
-    ``options["shortlist"]`` may hold a shortlisted head's [N] target ids (:func:`label_shortlist`)."""
+    """The trainable student for ``--drafter kind`` against ``target`` (an HF model). For cnn/lstm/
+    layer_skip, ``options["shortlist"]`` may hold a shortlisted head's [N] target ids
+    (:func:`label_shortlist`). ``init_from``: a local HF folder (t5small/hf), or a saved drafter
+    folder of the same kind (cnn/lstm/layer_skip) to continue."""
     options = dict(options or {})
     torch.manual_seed(seed)  # the drafter's initial weights are part of the run's seed
     if kind in ("t5small", "hf"):
@@ -358,6 +384,8 @@ def build_student(kind: str, target, *, init_from: Optional[str] = None, options
         return HFDrafterStudent(model.train())
     if kind not in NEURAL_CLASSES and kind != "layer_skip":
         raise TrainingError(f"unknown drafter {kind!r}; choose from ngram, {', '.join(DRAFTER_KINDS)}")
+    if init_from:
+        return _student_from_folder(kind, target, init_from, options)
     try:
         if kind == "layer_skip":
             return ExitHeadStudent(target, **options)

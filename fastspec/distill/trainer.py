@@ -514,7 +514,7 @@ def train_drafter(target, records: Sequence[dict], config: TrainConfig, *, progr
             stamp_training(folder, meta)
         return drafter
     options = dict(drafter_options or {})
-    if config.drafter in SHORTLISTED_KINDS:  # a shortlisted head over the records' most frequent labels (+ EOS)
+    if config.drafter in SHORTLISTED_KINDS and not init_from:  # a head over the records' most frequent labels (+ EOS)
         options["shortlist"] = label_shortlist(records, options.pop("shortlist", DEFAULT_SHORTLIST),
                                                introspect.vocab_size(model), introspect.eos_token_ids(model),
                                                references=config.loss > 0, outputs=config.kd_loss > 0)

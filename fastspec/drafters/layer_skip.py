@@ -125,6 +125,18 @@ class ShortlistHead(torch.nn.Module):
         return to_vocab(logits, self.shortlist_ids, self.vocab_size)
 
 
+class VocabLogits(torch.nn.Module):
+    """A shortlisted head seen as a full one: hidden [..., D] -> [..., V], −inf outside the
+    shortlist, so code that samples target ids from an HF model's logits (``generate``) works."""
+
+    def __init__(self, head: ShortlistHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.head_to_vocab(self.head(hidden))
+
+
 def attach_exit_head(view, state=None, shortlist=None) -> torch.nn.ModuleDict:
     """Give ``view`` its own trainable copies of the final norm + LM head (loaded from ``state``
     when given); the target's own modules are untouched. ``shortlist`` ([N] target ids): the head
@@ -214,5 +226,5 @@ class LayerSkipDrafter(HFDrafter):
         return cls(target, num_layers, view=view, exit_head=exit_head, **kwargs)
 
 
-__all__ = ["LayerSkipDrafter", "ShortlistHead", "truncated_view", "attach_exit_head", "shortlist_head", "exit_modules",
+__all__ = ["LayerSkipDrafter", "ShortlistHead", "VocabLogits", "truncated_view", "attach_exit_head", "shortlist_head", "exit_modules",
            "decoder_layers"]

@@ -3,8 +3,9 @@
 The grid: drafters (n-gram, CNN, LSTM, layer-skip with exit head, feature) × training methods
 (``baseline`` = cross-entropy on the references; ``seq_kd`` = on the target's own outputs;
 fkl/rkl/jsd/tvd at T ∈ {1, 2} against the target's cached top-k distribution on its outputs;
-``on_policy`` = the drafter's own samples scored by the target). Every cell of a drafter gets the
-same compute budget (optimizer steps × batch) and the same data:
+``on_policy`` = the baseline cell's drafter, then ``on_policy_steps`` of KD on its own samples
+scored by the target, as DistillSpec distils an already trained drafter). Every other cell of a
+drafter gets the same compute budget (optimizer steps × batch) and the same data:
 
 * train: the first ``num_train`` examples of the train split, with the target's greedy outputs
   (a pseudo-dataset with top-k logits, made once in ``DIR/data/pseudo``);
@@ -249,14 +250,18 @@ def train_cell(target, data: GridData, drafter: str, method: str, s: GridSetting
         trained.save(folder)
         return trained, info
     steps, lr = {"layer_skip": (s.layer_skip_steps, s.layer_skip_lr)}.get(drafter, (s.neural_steps, s.neural_lr))
-    if method == "on_policy":
-        steps = min(steps, s.on_policy_steps)
+    options = {"num_layers": s.layer_skip_layers} if drafter == "layer_skip" else {}
+    init_from = None
+    if method == "on_policy":  # DistillSpec's set-up: on-policy KD of an already trained drafter (the baseline)
+        steps, options = min(steps, s.on_policy_steps), {}
+        init_from = os.path.join(os.path.dirname(cell_dir), f"{drafter}-baseline", "drafter")
+        if (read_cell(os.path.dirname(os.path.dirname(cell_dir)), drafter, "baseline") or {}).get("status") != "ok":
+            raise UserError(f"on_policy continues the {drafter}-baseline cell, which has not finished; rerun the grid")
     config = TrainConfig(out_dir=cell_dir, drafter=drafter, max_steps=steps, batch_size=s.batch_size, lr=lr,
                          warmup_steps=min(10, steps // 10), seed=s.seed, ckpt_every=0, progress=progress,
                          on_policy_max_new_tokens=s.on_policy_max_new_tokens, **method_losses(method))
-    options = {"num_layers": s.layer_skip_layers} if drafter == "layer_skip" else {}
     trained = train_drafter(target, data.records, config, progress=progress, drafter_options=options,
-                            pseudo_dir=data.pseudo_dir, ngram_n=s.ngram_n)
+                            pseudo_dir=data.pseudo_dir, ngram_n=s.ngram_n, init_from=init_from)
     shutil.rmtree(os.path.join(cell_dir, "checkpoints"), ignore_errors=True)  # the final drafter is kept
     info = {"steps": 0 if drafter == "ngram" else steps}
     losses = _logged_losses(cell_dir)
