@@ -18,7 +18,7 @@ and each drafter's cost per step against a target forward (c).
 
 Run:   OMP_NUM_THREADS=1 python -m pytest bench/bench_drafters.py -s --benchmark-only
 Knobs: FASTSPEC_BENCH_ROUNDS (default 15), FASTSPEC_MACHINE (written beside the tables),
-FASTSPEC_BENCH_SHORTLIST (rows of the shortlisted CNN/LSTM heads, default 8192).
+FASTSPEC_BENCH_SHORTLIST (rows of the shortlisted CNN/LSTM heads and layer-skip exit, default 8192).
 """
 from __future__ import annotations
 
@@ -250,7 +250,18 @@ def _drafter_lineup(target, train_refs, layer_skip_layers: int, total_layers: in
         f"LSTM (256, shortlist {SHORTLIST})": fd.LSTMDrafter.from_target(target, dim=256, hidden_size=256,
                                                                         shortlist=shortlist),
         f"layer skip ({layer_skip_layers} of {total_layers} layers)": fd.LayerSkipDrafter(target, layer_skip_layers),
+        f"layer skip ({layer_skip_layers} of {total_layers}, exit shortlist {SHORTLIST})":
+            _shortlisted_layer_skip(target, layer_skip_layers, shortlist),
     }
+
+
+def _shortlisted_layer_skip(target, num_layers: int, shortlist: torch.Tensor):
+    """The layer-skip drafter ``fastspec train --drafter layer_skip`` makes: a trainable exit over the shortlist."""
+    from fastspec.drafters import LayerSkipDrafter
+    from fastspec.drafters.layer_skip import attach_exit_head, truncated_view
+
+    view = truncated_view(target, num_layers)
+    return LayerSkipDrafter(target, num_layers, view=view, exit_head=attach_exit_head(view, shortlist=shortlist))
 
 
 def test_cost_per_step_flan_t5_base_shaped(benchmark, t5_data):
