@@ -270,8 +270,6 @@ class ExitHeadStudent:
         if drafter is not None:  # continue a saved drafter: its depth, its exit head (one is attached if none)
             self.num_layers, self.view = drafter.num_layers, drafter.model
             self.module = drafter.exit_head if drafter.exit_head is not None else attach_exit_head(self.view)
-            for p in self.module.parameters():
-                p.requires_grad_(True)
         else:
             self.num_layers = int(num_layers)
             self.view = truncated_view(target, self.num_layers)

@@ -226,5 +226,5 @@ class LayerSkipDrafter(HFDrafter):
         return cls(target, num_layers, view=view, exit_head=exit_head, **kwargs)
 
 
-__all__ = ["LayerSkipDrafter", "ShortlistHead", "VocabLogits", "truncated_view", "attach_exit_head", "shortlist_head", "exit_modules",
-           "decoder_layers"]
+__all__ = ["LayerSkipDrafter", "ShortlistHead", "VocabLogits", "truncated_view", "attach_exit_head", "shortlist_head",
+           "exit_modules", "decoder_layers"]

@@ -241,9 +241,14 @@ def train_feature_cell(target, data: GridData, method: str, s: GridSettings, dat
     return drafter, {"steps": drafter.train_stats["steps"], "final_loss": drafter.train_stats["final_loss"]}
 
 
-def train_cell(target, data: GridData, drafter: str, method: str, s: GridSettings, cell_dir: str, data_dir: str,
-               progress: bool):
-    """Train one cell; its drafter is saved in ``cell_dir/drafter``. Returns (drafter, training info)."""
+def cell_folder(out_dir: str, drafter: str, method: str) -> str:
+    """The folder of one cell: its result.json, logs and ``drafter/``."""
+    return os.path.join(out_dir, "cells", f"{drafter}-{method}")
+
+
+def train_cell(target, data: GridData, drafter: str, method: str, s: GridSettings, out_dir: str, progress: bool):
+    """Train one cell; its drafter is saved in ``cell_folder(...)/drafter``. Returns (drafter, training info)."""
+    cell_dir, data_dir = cell_folder(out_dir, drafter, method), os.path.join(out_dir, "data")
     folder = os.path.join(cell_dir, "drafter")
     if drafter == "feature":
         trained, info = train_feature_cell(target, data, method, s, data_dir, progress)
@@ -254,8 +259,8 @@ def train_cell(target, data: GridData, drafter: str, method: str, s: GridSetting
     init_from = None
     if method == "on_policy":  # DistillSpec's set-up: on-policy KD of an already trained drafter (the baseline)
         steps, options = min(steps, s.on_policy_steps), {}
-        init_from = os.path.join(os.path.dirname(cell_dir), f"{drafter}-baseline", "drafter")
-        if (read_cell(os.path.dirname(os.path.dirname(cell_dir)), drafter, "baseline") or {}).get("status") != "ok":
+        init_from = os.path.join(cell_folder(out_dir, drafter, "baseline"), "drafter")
+        if (read_cell(out_dir, drafter, "baseline") or {}).get("status") != "ok":
             raise UserError(f"on_policy continues the {drafter}-baseline cell, which has not finished; rerun the grid")
     config = TrainConfig(out_dir=cell_dir, drafter=drafter, max_steps=steps, batch_size=s.batch_size, lr=lr,
                          warmup_steps=min(10, steps // 10), seed=s.seed, ckpt_every=0, progress=progress,
@@ -313,7 +318,7 @@ def one_line(err: BaseException) -> str:
 
 def run_cell(target, data: GridData, drafter: str, method: str, s: GridSettings, out_dir: str, progress: bool):
     """Train + score one cell and write its result.json (status ok, or failed with the error)."""
-    cell_dir = os.path.join(out_dir, "cells", f"{drafter}-{method}")
+    cell_dir = cell_folder(out_dir, drafter, method)
     os.makedirs(cell_dir, exist_ok=True)
     for stale in ("log.jsonl", "log.csv"):  # a retried cell logs afresh
         if os.path.exists(os.path.join(cell_dir, stale)):
@@ -321,7 +326,7 @@ def run_cell(target, data: GridData, drafter: str, method: str, s: GridSettings,
     result: Dict[str, Any] = {"drafter": drafter, "method": method}
     started = time.perf_counter()
     try:
-        trained, info = train_cell(target, data, drafter, method, s, cell_dir, os.path.join(out_dir, "data"), progress)
+        trained, info = train_cell(target, data, drafter, method, s, out_dir, progress)
         result.update(info, train_s=time.perf_counter() - started)
         check_finite(os.path.join(cell_dir, "drafter"), [info.get("final_loss", 0.0)])
         result.update(score(target, trained, data, s), status="ok")
@@ -333,7 +338,7 @@ def run_cell(target, data: GridData, drafter: str, method: str, s: GridSettings,
 
 
 def read_cell(out_dir: str, drafter: str, method: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(out_dir, "cells", f"{drafter}-{method}", "result.json")
+    path = os.path.join(cell_folder(out_dir, drafter, method), "result.json")
     if not os.path.exists(path):
         return None
     try:
@@ -372,7 +377,7 @@ def speed_check(target, out_dir: str, cells: Sequence[Dict[str, Any]], data: Gri
         return {}
     model = introspect.hf_model(target)
     decoders = [Decoder(f"{c['drafter']}-{c['method']}", load_drafter(
-        os.path.join(out_dir, "cells", f"{c['drafter']}-{c['method']}", "drafter"), model), s.gamma)
+        os.path.join(cell_folder(out_dir, c["drafter"], c["method"]), "drafter"), model), s.gamma)
         for c in best.values()]
     prompts = data.test_prompts[: s.speed_prompts]
     result = compare(model, decoders, prompts, max_new_tokens=s.max_new_tokens, gamma=s.gamma,
