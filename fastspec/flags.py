@@ -39,7 +39,7 @@ def add_drafter_dtype_flag(p: argparse.ArgumentParser) -> None:
 
 def add_data_flags(p: argparse.ArgumentParser, split: str, num_samples: Optional[int] = None) -> None:
     p.add_argument("--dataset", default="aclsum",
-                   help="'aclsum', 'aclsum:<section>[:<aspect>+...]', 'aclsum_papers' (unlabeled) or a path to a "
+                   help="'aclsum', 'aclsum:<section>[:<aspect>+...]', 'aclsum_papers' (the unlabeled full papers of --split; --split all: all 250) or a path to a "
                    "CNN/DailyMail copy (datasets folder, .jsonl/.csv with article/highlights, or .story folders)")
     p.add_argument("--split", default=split, help=f"data split (default {split})")
     p.add_argument("--num_samples", type=int, default=num_samples,

@@ -133,6 +133,12 @@ def test_aclsum():
     papers = load_aclsum_papers(limit=3)
     assert len(papers) == 3 and all(p.reference is None and len(p.source) > 1000 for p in papers)
     assert len(load_aclsum_papers()) == 250
+    # split-aware: a paper's text holds its abstract and summary, so train papers must exclude test ones
+    train_ids = {e.id for e in load_aclsum("train")}
+    train_papers = load_examples("aclsum_papers", "train")
+    assert len(train_papers) == 100 and {p.id for p in train_papers} == train_ids
+    assert not {p.id for p in load_examples("aclsum_papers", "test")} & train_ids
+    assert len(load_examples("aclsum_papers", "all")) == 250
 
 
 def test_seq2seq_prompt_truncation(t5_tokenizer):

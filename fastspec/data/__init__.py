@@ -28,11 +28,12 @@ def load_examples(spec: str, split: str = "train", limit: Optional[int] = None) 
     """One entry point for the CLI.
 
     ``spec``: ``aclsum`` (abstract -> all aspects), ``aclsum:<section>`` or
-    ``aclsum:<section>:<aspect>[+<aspect>...]``, ``aclsum_papers`` (unlabeled), or a path
+    ``aclsum:<section>:<aspect>[+<aspect>...]``, ``aclsum_papers`` (the unlabeled full papers of
+    ``split``'s examples; ``split="all"``: all 250), or a path
     to a CNN/DailyMail copy (see :func:`load_cnndm`).
     """
     if spec.startswith("aclsum_papers"):
-        return load_aclsum_papers(limit=limit)
+        return load_aclsum_papers(split=None if split == "all" else split, limit=limit)
     if spec == "aclsum" or spec.startswith("aclsum:"):
         parts = spec.split(":")[1:]
         source = parts[0] if parts and parts[0] else "abstract"

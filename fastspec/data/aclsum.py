@@ -73,17 +73,25 @@ def load_aclsum(
     return examples
 
 
-def load_aclsum_papers(limit: Optional[int] = None) -> List[Example]:
-    """The full papers as unlabeled text (abstract + body paragraphs), sorted by file name."""
+def load_aclsum_papers(split: Optional[str] = None, limit: Optional[int] = None) -> List[Example]:
+    """The full papers as unlabeled text (abstract + body paragraphs), sorted by file name.
+
+    ``split`` (train/val/test) keeps the papers of that split's labeled examples only; None = all 250.
+    A paper's text holds its abstract and summary sentences, so training on all of them and testing
+    on aclsum test would test on training text."""
+    keep = None if split is None else {e.id for e in load_aclsum(split, detokenize=False)}
     examples = []
     for file in sorted(glob.glob(os.path.join(aclsum_dir(), "paper_jsons", "*.json"))):
+        paper_id = os.path.splitext(os.path.basename(file))[0]
+        if keep is not None and paper_id not in keep:
+            continue
         with open(file, encoding="utf-8") as handle:
             paper = json.load(handle)
         parse = paper.get("pdf_parse") or {}
         paragraphs = [p["text"] for p in parse.get("abstract", []) + parse.get("body_text", []) if p.get("text")]
         if not paragraphs and paper.get("abstract"):
             paragraphs = [paper["abstract"]]
-        examples.append(Example(id=os.path.splitext(os.path.basename(file))[0], source="\n".join(paragraphs)))
+        examples.append(Example(id=paper_id, source="\n".join(paragraphs)))
         if limit is not None and len(examples) >= limit:
             break
     return examples
