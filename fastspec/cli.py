@@ -26,7 +26,8 @@ from fastspec.data import encode_prompts, encode_references, load_examples
 from fastspec.distill.distributed import init_distributed, shutdown
 from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset
 from fastspec.distill.students import DRAFTER_KINDS, SHORTLISTED_KINDS, TrainingError
-from fastspec.distill.train_cli import check_feature_flags, train_from_cli
+from fastspec.distill.train_cli import (DEFAULT_MAX_STEPS, FEATURE_DATA, FEATURE_DATA_DEFAULT, FEATURE_TIME_BUDGET_S,
+                                        check_feature_flags, train_from_cli)
 from fastspec.drafters.io import load_drafter
 from fastspec.errors import UserError
 from fastspec.flags import (add_data_flags, add_drafter_dtype_flag, add_sampling_flags, add_target_flags, check_flags,
@@ -68,9 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="online: a no-grad target forward per batch; cache: the top-k logits stored by "
                    "`fastspec pseudo --topk_logits K`")
     t.add_argument("--ngram_n", type=int, default=4, help="n of the n-gram drafter")
-    t.add_argument("--feature_data", default=["pseudo"], nargs="+", choices=("pseudo", "references", "sources"),
+    t.add_argument("--feature_data", default=list(FEATURE_DATA_DEFAULT), nargs="+", choices=FEATURE_DATA,
                    help="feature drafter: train on the target's own outputs (--pseudo_dataset_path, else generated), "
-                   "or teacher-forced references/sources (no generation); several kinds are pooled")
+                   "or teacher-forced references/sources/papers (no generation; papers: the full aclsum papers of the "
+                   "--split's examples, up to --paper_tokens); several kinds are pooled "
+                   f"(default: {' '.join(FEATURE_DATA_DEFAULT)})")
+    t.add_argument("--paper_tokens", type=int, default=100_000,
+                   help="feature drafter, --feature_data papers: teacher-forced paper tokens in all (256-token pieces)")
     t.add_argument("--unroll", type=int, default=3, help="feature drafter: unrolled steps (weights 0.8^i)")
     t.add_argument("--unroll_ramp", type=float, default=0.0,
                    help="feature drafter: the first fraction of the run (of --max_steps or --time_budget_s) trains "
@@ -90,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature drafter: after warm-up, keep --lr or decay it (linear/cosine) to --min_lr_ratio × --lr")
     t.add_argument("--min_lr_ratio", type=float, default=0.1, help="feature drafter: the decayed lr's floor, × --lr")
     t.add_argument("--time_budget_s", type=float, default=None,
-                   help="feature drafter: stop training after this many seconds (and at --max_steps, whichever first)")
+                   help="feature drafter: stop training after this many seconds (and at --max_steps, whichever first; "
+                   f"default {FEATURE_TIME_BUDGET_S:.0f} s when --max_steps is not given either)")
     t.add_argument("--init_from", default=None, help="t5small/hf: a local HF folder to start from (the drafter model); "
                    "cnn/lstm/layer_skip: a saved drafter folder of that kind to continue (its sizes and shortlist)")
     t.add_argument("--drafter_config", default="{}",
@@ -100,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight_decay", type=float, default=0.0)
     t.add_argument("--batch_size", type=int, default=8, help="global batch (split across torchrun ranks)")
-    t.add_argument("--max_steps", type=int, default=200)
+    t.add_argument("--max_steps", type=int, default=None,
+                   help=f"optimizer steps (default {DEFAULT_MAX_STEPS}; feature drafter: no cap, --time_budget_s rules)")
     t.add_argument("--warmup_steps", type=int, default=10)
     t.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     t.add_argument("--amp", default=None, choices=("off", "bf16", "fp16"), help="autocast (default: bf16 on CUDA, off on CPU)")

@@ -33,7 +33,7 @@ def test_train_writes_a_loadable_drafter_and_resume_continues(target_dir, tmp_pa
     folder = tmp_path / "resumed" / "drafter"
     meta = json.load(open(folder / "config.json"))
     training = meta["config"]["training"]
-    assert meta["kind"] == "feature" and training["steps"] == 6 and training["feature_data"] == ["pseudo"]
+    assert meta["kind"] == "feature" and training["steps"] == 6 and training["feature_data"] == ["pseudo", "references", "papers"]
     assert training["distill_method"] == "jsd" and training["unroll"] == 2 and training["shortlist"] <= 64
     # resuming from step 4 reaches the weights of one straight 6-step run
     resumed, straight = load_file(str(folder / "model.safetensors")), load_file(
@@ -122,3 +122,66 @@ def test_bad_training_options_are_one_line_errors(target_dir, tmp_path, capsys, 
     assert _train(target_dir, tmp_path, "bad", "--max_steps", "1", "--feature_data", "references", *flags) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("fastspec train: error: ") and message in errors[0], errors
+
+
+def test_papers_are_the_training_records_own_papers_cut_and_capped(target_dir, tmp_path):  # noqa: F811
+    """--feature_data papers: 256-token pieces of the train records' full papers only (never a test
+    paper: a paper holds its abstract and summary), ≤ --paper_tokens tokens, no generation."""
+    from fastspec.data import load_examples
+    from fastspec.distill.feature_data import text_chunk_pairs
+    from fastspec.targets import load_target_and_tokenizer
+
+    assert _train(target_dir, tmp_path, "papers", "--max_steps", "1", "--feature_data", "papers",
+                  "--paper_tokens", "700") == 0
+    pairs = json.load(open(tmp_path / "papers" / "feature_pairs.json"))
+    _, tokenizer = load_target_and_tokenizer(target_dir)
+    train_ids = [e.id for e in load_examples("aclsum", "train", limit=4)]
+    papers = {p.id: p.source for p in load_examples("aclsum_papers", "all")}
+    expected = text_chunk_pairs(tokenizer, [papers[i] for i in train_ids], budget=700, seq2seq=True)
+    assert pairs == [[list(p), list(o)] for p, o in expected]
+    assert 700 <= sum(len(o) for _, o in pairs) < 700 + 256 and all(len(o) <= 256 for _, o in pairs)
+    first_paper = tokenizer(papers[train_ids[0]], add_special_tokens=False, verbose=False)["input_ids"]
+    assert pairs[0][1] == first_paper[:256]  # T5: the decoder reads the encoder's piece
+
+
+def test_text_chunk_pairs_causal_pieces_rebuild_the_text():
+    class Words:  # a stand-in tokenizer: one id per word
+        def __call__(self, text, add_special_tokens=False, verbose=False):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    from fastspec.distill.feature_data import text_chunk_pairs
+
+    texts = ["a bb ccc dddd eeeee", "ff g", "hhh ii"]
+    pairs = text_chunk_pairs(Words(), texts, chunk=3, budget=7)
+    assert pairs == [([1], [2, 3]), ([4], [5]), ([2], [1])]  # 3 + 2 + 2 tokens: the budget reached, then stop
+    assert all(len(p) + len(o) <= 3 for p, o in pairs)
+
+
+def test_papers_need_aclsum_records(target_dir):  # noqa: F811
+    from fastspec.distill.students import TrainingError
+    from fastspec.distill.train_cli import feature_pairs
+    from fastspec.targets import load_target_and_tokenizer
+
+    target, tokenizer = load_target_and_tokenizer(target_dir)
+    with pytest.raises(TrainingError, match="not aclsum examples"):
+        feature_pairs(target, [{"id": "cnn-0001", "source_ids": [5, 6]}], "papers", max_new_tokens=4, tokenizer=tokenizer)
+
+
+def test_feature_runs_are_bounded_by_time_by_default(target_dir, tmp_path, monkeypatch):  # noqa: F811
+    """No --max_steps and no --time_budget_s: the feature run stops after FEATURE_TIME_BUDGET_S, uncapped in steps."""
+    from dataclasses import replace
+
+    import fastspec.distill.train_cli as train_cli
+
+    seen = {}
+    real = train_cli.train_feature_drafter
+
+    def spy(target, pairs, config):
+        seen["config"] = config
+        return real(target, pairs, replace(config, max_steps=1))
+
+    monkeypatch.setattr(train_cli, "train_feature_drafter", spy)
+    assert _train(target_dir, tmp_path, "timed", "--feature_data", "references") == 0
+    assert seen["config"].max_steps is None and seen["config"].time_budget_s == train_cli.FEATURE_TIME_BUDGET_S == 900
+    assert _train(target_dir, tmp_path, "stepped", "--feature_data", "references", "--max_steps", "2") == 0
+    assert seen["config"].max_steps == 2 and seen["config"].time_budget_s is None

@@ -249,7 +249,9 @@ class FeatureTrainConfig:
     divergence_weight: float = 0.1
     temperature: float = 1.0
     loss_on_prompt: bool = False
-    train_head: bool = True
+    # EAGLE keeps the target's LM-head rows frozen: no weight gradient through the N-wide head, and on
+    # SmolLM2/aclsum (600 s, pooled data) test agreement at depth 1 rose 0.252 -> 0.298 with lr 1e-3
+    train_head: bool = False
     lr: float = 5e-4
     warmup_steps: int = 20
     lr_schedule: str = "constant"  # after warm-up: "constant", "linear" or "cosine" decay to min_lr_ratio·lr

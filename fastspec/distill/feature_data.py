@@ -59,6 +59,25 @@ def reference_pairs(tokenizer, prompts: Sequence[Sequence[int]], references: Seq
     return [(list(p), tokenizer(r, add_special_tokens=False)["input_ids"] + eos) for p, r in zip(prompts, references)]
 
 
+def text_chunk_pairs(tokenizer, texts: Sequence[str], *, chunk: int = 256, budget: int = 100_000,
+                     seq2seq: bool = False) -> List[Pair]:
+    """Unlabeled text cut into ``chunk``-token pieces until ``budget`` tokens, teacher-forced as is
+    (causal: the piece continues its first token; seq2seq: the decoder reads the encoder's piece)."""
+    pairs: List[Pair] = []
+    used = 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long on purpose: cut below
+        for lo in range(0, len(ids) - 1, chunk):
+            piece = ids[lo:lo + chunk]
+            if len(piece) < 2 or used >= budget:
+                continue
+            pairs.append((piece, piece) if seq2seq else (piece[:1], piece[1:]))
+            used += len(piece)
+        if used >= budget:
+            break
+    return pairs
+
+
 # ---------------------------------------------------------------------------------- data
 
 

@@ -9,9 +9,10 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from fastspec import introspect
-from fastspec.data import encode_prompts, encode_references, load_examples
+from fastspec.data import encode_prompts, encode_references, load_aclsum_papers, load_examples
 from fastspec.distill.distributed import init_distributed, shutdown
 from fastspec.distill.feature import FeatureTrainConfig, pseudo_pairs, train_feature_drafter
+from fastspec.distill.feature_data import text_chunk_pairs
 from fastspec.distill.losses import DIVERGENCES
 from fastspec.distill.pseudo import load_pseudo_dataset
 from fastspec.distill.students import TrainingError
@@ -31,19 +32,33 @@ def reference_records(args, target, tokenizer) -> List[dict]:
             for i, (e, p, r) in enumerate(zip(examples, prompts, refs))]
 
 
-FEATURE_DATA = ("pseudo", "references", "sources")
+FEATURE_DATA = ("pseudo", "references", "sources", "papers")
+FEATURE_DATA_DEFAULT = ("pseudo", "references", "papers")
+DEFAULT_MAX_STEPS = 200  # every drafter but the feature one, whose run is bounded by time
+FEATURE_TIME_BUDGET_S = 900.0
 
 
-def feature_pairs(target, records: Sequence[dict], kind: str, *, max_new_tokens: int, progress: bool = False):
+def feature_pairs(target, records: Sequence[dict], kind: str, *, max_new_tokens: int, progress: bool = False,
+                  tokenizer=None, paper_tokens: int = 100_000):
     """(prompt, output) token pairs for ``fastspec train --drafter feature --feature_data KIND``.
 
     pseudo: the records' ``output_ids`` (a pseudo-dataset), else the target's own greedy outputs,
     generated here (≤ ``max_new_tokens``); references: the reference texts, teacher-forced, no
     generation; sources: the source texts themselves (causal: the prompt continues its first token;
-    seq2seq: the decoder reads the source), the cheapest in-domain text.
+    seq2seq: the decoder reads the source), the cheapest in-domain text; papers: the full aclsum
+    papers of the records (the training split's only, so no test text leaks in), cut into 256-token
+    pieces, ≤ ``paper_tokens`` tokens in all.
     """
     if kind not in FEATURE_DATA:
         raise TrainingError(f"--feature_data must be one of {FEATURE_DATA}, not {kind!r}")
+    seq2seq = introspect.is_encoder_decoder(introspect.hf_model(target))
+    if kind == "papers":
+        texts = {e.id: e.source for e in load_aclsum_papers()}
+        ids = [r.get("id") for r in records if r.get("id") in texts]
+        if not ids:
+            raise TrainingError("--feature_data papers reads the aclsum papers of the training examples; "
+                                "these records are not aclsum examples")
+        return text_chunk_pairs(tokenizer, [texts[i] for i in ids], budget=paper_tokens, seq2seq=seq2seq)
     sources = [list(r["source_ids"]) for r in records]
     if kind == "pseudo":
         if all(r.get("output_ids") for r in records):
@@ -53,7 +68,7 @@ def feature_pairs(target, records: Sequence[dict], kind: str, *, max_new_tokens:
         if not all(r.get("reference_ids") for r in records):
             raise TrainingError("--feature_data references: some records have no reference text")
         return [(s, list(r["reference_ids"])) for s, r in zip(sources, records)]
-    if introspect.is_encoder_decoder(introspect.hf_model(target)):
+    if seq2seq:
         return [(s, s) for s in sources]
     return [(s[:1], s[1:]) for s in sources if len(s) > 1]
 
@@ -114,6 +129,9 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
     starts over. Pairs and features are cached in ``<out>`` for the rerun.
     """
     check_feature_flags(args)
+    max_steps, time_budget_s = args.max_steps, args.time_budget_s
+    if max_steps is None and time_budget_s is None:
+        time_budget_s = FEATURE_TIME_BUDGET_S
     layers = parse_feature_layers(args.feature_layers, num_decoder_layers(introspect.hf_model(target)))
     shortlist = FeatureTrainConfig.shortlist_size if args.shortlist is None else args.shortlist
     context_window = None if args.context_window < 0 else args.context_window
@@ -133,7 +151,8 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
         else:
             records = reference_records(args, target, tokenizer)
         pairs = [pair for kind in kinds for pair in feature_pairs(
-            target, records, kind, max_new_tokens=args.max_target_length, progress=not args.no_progress)]
+            target, records, kind, max_new_tokens=args.max_target_length, progress=not args.no_progress,
+            tokenizer=tokenizer, paper_tokens=args.paper_tokens)]
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_text(pairs_file, json.dumps([[list(p), list(o)] for p, o in pairs]))
     if not pairs:
@@ -141,12 +160,12 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
     config = FeatureTrainConfig(
         feature_layers=layers, shortlist_size=shortlist, topk=args.topk, unroll_steps=args.unroll,
         unroll_ramp=args.unroll_ramp, context_window=context_window, lr_schedule=args.lr_schedule,
-        min_lr_ratio=args.min_lr_ratio, time_budget_s=args.time_budget_s, feature_weight=args.loss,
+        min_lr_ratio=args.min_lr_ratio, time_budget_s=time_budget_s, feature_weight=args.loss,
         divergence=args.distill_method, divergence_weight=args.kd_loss if args.kd_loss > 0 else 0.1,
         temperature=args.kd_temp, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, batch_size=args.batch_size, max_steps=args.max_steps,
+        grad_clip=args.grad_clip, batch_size=args.batch_size, max_steps=max_steps,
         max_length=args.max_source_length + args.max_target_length, data_cache_dir=os.path.join(out_dir, "feature_data"),
-        checkpoint_dir=ckpt_dir, checkpoint_every=args.ckpt_every or args.max_steps, seed=args.seed,
+        checkpoint_dir=ckpt_dir, checkpoint_every=args.ckpt_every or max_steps or 200, seed=args.seed,
         progress=not args.no_progress)
     drafter = train_feature_drafter(target, pairs, config)
     folder = os.path.join(out_dir, "drafter")
@@ -156,7 +175,7 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
             "kd_temp": args.kd_temp, "unroll": args.unroll, "unroll_ramp": args.unroll_ramp,
             "shortlist": drafter.train_stats["shortlist_size"], "feature_layers": list(layers), "topk": args.topk,
             "context_window": context_window, "lr": args.lr, "lr_schedule": args.lr_schedule,
-            "min_lr_ratio": args.min_lr_ratio, "time_budget_s": args.time_budget_s,
+            "min_lr_ratio": args.min_lr_ratio, "time_budget_s": time_budget_s, "paper_tokens": args.paper_tokens,
             "steps": drafter.train_stats["steps"], "seconds": round(drafter.train_stats["seconds"], 1),
             "final_loss": drafter.train_stats["final_loss"]}
     stamp_training(folder, meta)
@@ -169,7 +188,7 @@ def train_from_cli(args, drafter_options: dict) -> int:
     """``fastspec train``: load target + data, train, save ``<output_root>/<exp_name>/drafter``."""
     out_dir = os.path.join(args.output_root, args.exp_name)
     config = TrainConfig(
-        out_dir=out_dir, drafter=args.drafter, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        out_dir=out_dir, drafter=args.drafter, max_steps=args.max_steps or DEFAULT_MAX_STEPS, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip, loss=args.loss, kd_loss=args.kd_loss, kd_temp=args.kd_temp,
         distill_method=args.distill_method, on_policy_divergence=args.on_policy_divergence,
