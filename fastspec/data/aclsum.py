@@ -73,13 +73,17 @@ def load_aclsum(
     return examples
 
 
-def load_aclsum_papers(split: Optional[str] = None, limit: Optional[int] = None) -> List[Example]:
+def load_aclsum_papers(split: Optional[str] = None, limit: Optional[int] = None,
+                       ids: Optional[Sequence[str]] = None) -> List[Example]:
     """The full papers as unlabeled text (abstract + body paragraphs), sorted by file name.
 
-    ``split`` (train/val/test) keeps the papers of that split's labeled examples only; None = all 250.
-    A paper's text holds its abstract and summary sentences, so training on all of them and testing
-    on aclsum test would test on training text."""
-    keep = None if split is None else {e.id for e in load_aclsum(split, detokenize=False)}
+    ``split`` (train/val/test) keeps the papers of that split's labeled examples only, ``ids`` those
+    papers only; neither = all 250. A paper's text holds its abstract and summary sentences, so
+    training on all of them and testing on aclsum test would test on training text."""
+    keep = None if ids is None else set(ids)
+    if split is not None:
+        split_ids = {e.id for e in load_aclsum(split, detokenize=False)}
+        keep = split_ids if keep is None else keep & split_ids
     examples = []
     for file in sorted(glob.glob(os.path.join(aclsum_dir(), "paper_jsons", "*.json"))):
         paper_id = os.path.splitext(os.path.basename(file))[0]

@@ -66,15 +66,17 @@ def text_chunk_pairs(tokenizer, texts: Sequence[str], *, chunk: int = 256, budge
     pairs: List[Pair] = []
     used = 0
     for text in texts:
+        if used >= budget:
+            break
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long on purpose: cut below
         for lo in range(0, len(ids) - 1, chunk):
+            if used >= budget:
+                break
             piece = ids[lo:lo + chunk]
-            if len(piece) < 2 or used >= budget:
+            if len(piece) < 2:
                 continue
             pairs.append((piece, piece) if seq2seq else (piece[:1], piece[1:]))
             used += len(piece)
-        if used >= budget:
-            break
     return pairs
 
 

@@ -53,7 +53,7 @@ def feature_pairs(target, records: Sequence[dict], kind: str, *, max_new_tokens:
         raise TrainingError(f"--feature_data must be one of {FEATURE_DATA}, not {kind!r}")
     seq2seq = introspect.is_encoder_decoder(introspect.hf_model(target))
     if kind == "papers":
-        texts = {e.id: e.source for e in load_aclsum_papers()}
+        texts = {e.id: e.source for e in load_aclsum_papers(ids=[str(r.get("id")) for r in records])}
         ids = [r.get("id") for r in records if r.get("id") in texts]
         if not ids:
             raise TrainingError("--feature_data papers reads the aclsum papers of the training examples; "
@@ -165,7 +165,7 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
         temperature=args.kd_temp, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, batch_size=args.batch_size, max_steps=max_steps,
         max_length=args.max_source_length + args.max_target_length, data_cache_dir=os.path.join(out_dir, "feature_data"),
-        checkpoint_dir=ckpt_dir, checkpoint_every=args.ckpt_every or max_steps or 200, seed=args.seed,
+        checkpoint_dir=ckpt_dir, checkpoint_every=args.ckpt_every or max_steps or DEFAULT_MAX_STEPS, seed=args.seed,
         progress=not args.no_progress)
     drafter = train_feature_drafter(target, pairs, config)
     folder = os.path.join(out_dir, "drafter")
@@ -188,7 +188,8 @@ def train_from_cli(args, drafter_options: dict) -> int:
     """``fastspec train``: load target + data, train, save ``<output_root>/<exp_name>/drafter``."""
     out_dir = os.path.join(args.output_root, args.exp_name)
     config = TrainConfig(
-        out_dir=out_dir, drafter=args.drafter, max_steps=args.max_steps or DEFAULT_MAX_STEPS, batch_size=args.batch_size, lr=args.lr,
+        out_dir=out_dir, drafter=args.drafter, batch_size=args.batch_size, lr=args.lr,
+        max_steps=DEFAULT_MAX_STEPS if args.max_steps is None else args.max_steps,
         weight_decay=args.weight_decay, optimizer=args.optimizer, warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip, loss=args.loss, kd_loss=args.kd_loss, kd_temp=args.kd_temp,
         distill_method=args.distill_method, on_policy_divergence=args.on_policy_divergence,
