@@ -37,6 +37,7 @@ __all__ = [
     "verify_sample",
     "process_logits",
     "fused_verify",
+    "skinny_linear",
     "reference",
 ]
 
@@ -457,11 +458,53 @@ def _ref_fused_verify(
     return _ref_sample_core(processed, q, draft_tokens, uniforms.double())
 
 
+
+# ----------------------------------------------------------------------------------------------
+# skinny_linear: y = x · wᵀ (+ bias) for a few fp32 rows (the target's verify forwards on a CPU).
+# ----------------------------------------------------------------------------------------------
+SKINNY_LANES = 8  # the kernel's partial sums per output (csrc/include/fastspec/skinny_linear.h)
+
+
+def _check_skinny_args(x, weight, bias) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if name == "bias" and t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"skinny_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+        rank = 1 if name == "bias" else 2
+        if t.dim() != rank:
+            raise ValueError(f"skinny_linear: {name} must have rank {rank}, got shape {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"skinny_linear: {name} must be float32, got {t.dtype}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"skinny_linear: x is {tuple(x.shape)} but weight is {tuple(weight.shape)}; "
+                         "their last dims must match")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"skinny_linear: bias has {bias.shape[0]} entries, weight has {weight.shape[0]} rows")
+    _check_same_device(x=x, weight=weight, bias=bias)
+
+
+def _ref_skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M,K], weight [N,K], bias [N] -> [M,N], summed exactly as the native kernel: 8 lane sums of
+    rounded products, a fixed lane tree, the K % 8 tail in order, then the bias."""
+    _check_skinny_args(x, weight, bias)
+    k = x.shape[1]
+    k8 = k - k % SKINNY_LANES
+    lanes = x.new_zeros(x.shape[0], weight.shape[0], SKINNY_LANES)  # [M,N,8]
+    for c in range(0, k8, SKINNY_LANES):
+        lanes = lanes + x[:, None, c : c + SKINNY_LANES] * weight[None, :, c : c + SKINNY_LANES]
+    pairs = lanes[..., :4] + lanes[..., 4:]  # lane l + lane l+4
+    total = (pairs[..., 0] + pairs[..., 2]) + (pairs[..., 1] + pairs[..., 3])
+    for t in range(k8, k):
+        total = total + x[:, None, t] * weight[None, :, t]
+    return total + bias if bias is not None else total
+
 reference = types.SimpleNamespace(
     verify_greedy=_ref_verify_greedy,
     verify_sample=_ref_verify_sample,
     process_logits=_ref_process_logits,
     fused_verify=_ref_fused_verify,
+    skinny_linear=_ref_skinny_linear,
 )
 
 
@@ -594,5 +637,29 @@ def fused_verify(
         op(target_logits, draft_tokens, draft_probs, prev_tokens, uniforms, bool(do_sample),
            float(temperature), int(top_k), float(top_p), float(repetition_penalty))
     )
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x · weightᵀ + bias`` for a few float32 rows, reading ``weight`` once per 8 rows of x.
+
+    BLAS is tuned for many rows; at the 2-8 rows of a verify forward it can cost nearly as much as
+    one pass per row (bench/RESULTS.md). Each output is summed in one fixed order (see
+    ``reference.skinny_linear``), so a row's result does not depend on how many rows share the call.
+    No autograd.
+
+    Args:
+        x: Shape: ``[M, K]`` float32.
+        weight: Shape: ``[N, K]`` float32 (an ``nn.Linear`` weight).
+        bias: Shape: ``[N]`` float32, or None.
+
+    Returns:
+        ``[M, N]`` float32.
+    """
+    _check_skinny_args(x, weight, bias)
+    op = _native_op("skinny_linear", x.device) if x.device.type == "cpu" else None
+    if op is None:
+        return _ref_skinny_linear(x, weight, bias)
+    return op(x, weight, bias)
+
 
 from fastspec.ngram import NgramTable, ReferenceNgramTable  # noqa: E402,F401  (the n-gram table op, op 4)

@@ -18,6 +18,7 @@ from fastspec.engine.inputs import build_request, split_model_inputs
 from fastspec.engine.session import Stopwatch, TargetSession
 from fastspec.engine.speculative import speculative_decode
 from fastspec.metrics import GenerationMetrics, ideal_speedup
+from fastspec.skinny_linear import skinny_linears
 
 
 @dataclass
@@ -49,8 +50,10 @@ def generate(
             generation names (max_new_tokens, do_sample, temperature, top_k, top_p,
             repetition_penalty, no_repeat_ngram_size, bad_words_ids, forced_bos/eos_token_id,
             suppress_tokens, begin_suppress_tokens, num_beams, ...); engine options ``seed``,
-            ``dynamic_gamma``/``min_gamma``/``max_gamma`` and ``sync_timing`` (CUDA-synchronised
-            per-forward timing; default off, or env FASTSPEC_SYNC_TIMING=1).
+            ``dynamic_gamma``/``min_gamma``/``max_gamma``, ``sync_timing`` (CUDA-synchronised
+            per-forward timing; default off, or env FASTSPEC_SYNC_TIMING=1) and ``skinny_linear``
+            (default True: the target's few-row float32 CPU linears run on
+            :func:`fastspec.ops.skinny_linear`; see :mod:`fastspec.skinny_linear`).
 
     Returns:
         GenerateOutput(sequences [B·n, T] like HF generate(), metrics).
@@ -63,16 +66,17 @@ def generate(
     settings = validate_settings(model, drafter, gamma, config, options, request.prompt.shape[1])
     stopwatch = Stopwatch(request.prompt.device, settings.sync_timing)
     total_start = stopwatch.now()
-    if settings.num_beams > 1:
-        sequences = beam_search(model, request, settings, metrics, stopwatch)
-    else:
-        request = request.repeat_rows(settings.num_return_sequences)
-        generator = None
-        if settings.seed is not None:
-            generator = torch.Generator(device=request.prompt.device).manual_seed(int(settings.seed))
-        new_tokens = speculative_decode(model, drafter, request, settings, metrics, stopwatch, generator)
-        # like HF: the prompt in the caller's layout, then the new tokens padded with pad_token_id
-        sequences = torch.cat([request.prompt, new_tokens.masked_fill(new_tokens < 0, settings.pad_token_id)], 1)
+    with skinny_linears(model, settings.skinny_linear):
+        if settings.num_beams > 1:
+            sequences = beam_search(model, request, settings, metrics, stopwatch)
+        else:
+            request = request.repeat_rows(settings.num_return_sequences)
+            generator = None
+            if settings.seed is not None:
+                generator = torch.Generator(device=request.prompt.device).manual_seed(int(settings.seed))
+            new_tokens = speculative_decode(model, drafter, request, settings, metrics, stopwatch, generator)
+            # like HF: the prompt in the caller's layout, then the new tokens padded with pad_token_id
+            sequences = torch.cat([request.prompt, new_tokens.masked_fill(new_tokens < 0, settings.pad_token_id)], 1)
     metrics.total_time_s = stopwatch.now() - total_start
     return GenerateOutput(sequences=sequences, metrics=metrics)
 

@@ -18,7 +18,7 @@ from fastspec.drafters.base import SamplingParams
 from fastspec.errors import UserError
 
 # Engine options that are not GenerationConfig attributes.
-ENGINE_OPTIONS = ("seed", "dynamic_gamma", "min_gamma", "max_gamma", "sync_timing")
+ENGINE_OPTIONS = ("seed", "dynamic_gamma", "min_gamma", "max_gamma", "sync_timing", "skinny_linear")
 
 # GenerationConfig attributes we cannot honour, with the values that mean "off".
 _UNSUPPORTED_DEFAULTS = {
@@ -143,6 +143,7 @@ class Settings:
     min_gamma: int
     max_gamma: int
     sync_timing: bool
+    skinny_linear: bool = True  # the target's few-row fp32 CPU linears on fastspec.ops.skinny_linear
     # HF's mask-type processors (DESIGN §9), applied at every verified position
     no_repeat_ngram_size: int = 0
     bad_words_ids: Tuple[Tuple[int, ...], ...] = ()
@@ -284,6 +285,7 @@ def validate_settings(model, drafter, gamma: int, config, options, prompt_width:
         early_stopping=config.early_stopping if config.early_stopping is not None else False,
         seed=options.get("seed"),
         sync_timing=bool(sync),
+        skinny_linear=bool(options.get("skinny_linear", True)),
         **_gammas(drafter, gamma, options),
         **_processor_settings(config, eos, vocab),
     )

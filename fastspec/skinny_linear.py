@@ -1,0 +1,64 @@
+"""The target's ``nn.Linear`` layers through :func:`fastspec.ops.skinny_linear` while fastspec decodes.
+
+On a CPU without bf16 units, BLAS runs the [γ+1, K] inputs of a verify forward at 1.6-1.9× the
+time of a 1-row step (MKL on AMD; bench/RESULTS.md), although both are bound by reading the
+weights once. The skinny kernel reads them once per 8 rows, which lowers both the verify cost
+ratio r and the autoregressive step. Only float32 CPU inputs of at most ``MAX_ROWS`` rows outside
+autograd take it; everything else runs ``nn.Linear`` unchanged. The model is patched only inside
+:func:`skinny_linears` (a class swap of the exact ``nn.Linear`` modules, undone on exit), so
+weights, state dicts and the caller's model are untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+from fastspec import ops
+
+# Rows of x per call that take the kernel: above 8 it makes a second pass over the weights
+# and MKL is as fast (bench/bench_skinny_linear.py).
+MAX_ROWS = 8
+
+
+def takes_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear(x, weight)`` runs on the skinny kernel. x: [..., K]."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False  # the native op has no backward
+    return x.numel() <= MAX_ROWS * max(x.shape[-1], 1)
+
+
+class SkinnyLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose few-row float32 CPU inputs run on the skinny kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not takes_kernel(x, self.weight):
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1])  # [M,K]
+        return ops.skinny_linear(rows, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
+
+
+def available() -> bool:
+    """The kernel is built and not switched off (``FASTSPEC_SKINNY_LINEAR=0``)."""
+    return ops.native_available() and os.environ.get("FASTSPEC_SKINNY_LINEAR", "1") not in ("0", "false", "False")
+
+
+@contextlib.contextmanager
+def skinny_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Run ``model``'s plain ``nn.Linear`` modules as :class:`SkinnyLinear` inside the block; yields
+    how many were swapped (0 when disabled, unavailable, or none are float32 on the CPU)."""
+    swapped = []
+    if enabled and available():
+        swapped = [m for m in model.modules() if type(m) is torch.nn.Linear
+                   and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    for module in swapped:
+        module.__class__ = SkinnyLinear
+    try:
+        yield len(swapped)
+    finally:
+        for module in swapped:
+            module.__class__ = torch.nn.Linear
