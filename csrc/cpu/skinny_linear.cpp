@@ -54,6 +54,8 @@ __attribute__((target("avx2"))) void pass_avx2(const float* x, int64_t k, const 
     __m256 acc[M];
     for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t c = 0; c < k8; c += 8) {
+      // 1 KB ahead (into the next row at the end): measured best on 2-core EPYC at 1-8 rows
+      _mm_prefetch(reinterpret_cast<const char*>(wj + c + 256), _MM_HINT_T0);
       const __m256 wv = _mm256_loadu_ps(wj + c);
       for (int i = 0; i < M; ++i) acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_loadu_ps(x + i * k + c), wv));
     }
