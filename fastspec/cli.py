@@ -28,6 +28,7 @@ from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseud
 from fastspec.distill.students import DRAFTER_KINDS, SHORTLISTED_KINDS, TrainingError
 from fastspec.distill.train_cli import (DEFAULT_MAX_STEPS, FEATURE_DATA, FEATURE_DATA_DEFAULT, FEATURE_TIME_BUDGET_S,
                                         check_feature_flags, train_from_cli)
+from fastspec.drafters.feature import TRAINED_CONFIDENCE_THRESHOLD
 from fastspec.drafters.io import load_drafter
 from fastspec.errors import UserError
 from fastspec.flags import (add_data_flags, add_drafter_dtype_flag, add_sampling_flags, add_target_flags, check_flags,
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--shortlist", type=int, default=None,
                    help="feature/cnn/lstm/layer_skip drafters: the head scores only the N most frequent target tokens "
                    "of the training data, plus EOS (default 8192; cnn/lstm/layer_skip: 0 = the full vocabulary)")
+    t.add_argument("--confidence_threshold", type=float, default=TRAINED_CONFIDENCE_THRESHOLD,
+                   help="feature drafter: saved with it, so load_drafter applies it: a draft stops where the "
+                   f"drafter's top probability is below it (0 = always draft γ; default {TRAINED_CONFIDENCE_THRESHOLD})")
     t.add_argument("--feature_layers", default="-1",
                    help="feature drafter: the target's hidden_states it reads, comma-separated indices "
                    "(-1 = the last layer), or 'eagle3' (layers 2, L/2, L-3 fused)")

@@ -39,6 +39,7 @@ from fastspec.distill.feature import FeatureTrainConfig, train_feature_drafter
 from fastspec.distill.pseudo import PseudoSettings, SourceRecord, generate_pseudo_dataset, load_pseudo_dataset
 from fastspec.distill.trainer import TrainConfig, fit_ngram_drafter, stamp_training, train_drafter, training_metadata
 from fastspec.drafters import EnsembleDrafter, LSTMDrafter, PromptLookupDrafter
+from fastspec.drafters.feature import TRAINED_CONFIDENCE_THRESHOLD
 from fastspec.errors import UserError
 from fastspec.eval import AR_NAME, Decoder, compare, decode_texts, hf_generate_decoder, load_workload
 from fastspec.targets import SMOLLM2
@@ -180,6 +181,7 @@ def train_feature(target, records: List[dict], size: DemoSize, seed: int, dtype,
                                 warmup_steps=3, lr_schedule="cosine", unroll_ramp=0.3, context_window=32,
                                 seed=seed, progress=progress)
     drafter = train_feature_drafter(target, pairs, config)
+    drafter.confidence_threshold = TRAINED_CONFIDENCE_THRESHOLD  # as `fastspec train` saves it
     if dtype is not None:
         drafter.model.to(dtype)
     return drafter

@@ -8,6 +8,7 @@ import torch
 
 from conftest import _llama
 from fastspec.drafters.base import CommitInfo, DraftRequest, DraftStep, SamplingParams
+from fastspec.drafters.folder import _write_config, read_config
 from fastspec.distill.checkpoint import latest_checkpoint
 from fastspec.distill.feature import (FeatureTrainConfig, agreement, build_shortlist, collate, extract_features,
                                       label_counts, layer_positions, pseudo_pairs, train_feature_drafter,
@@ -213,6 +214,15 @@ def test_save_load_round_trip_and_target_mismatch(small_llama, tmp_path):
     drafter.save(str(tmp_path / "d"))
     loaded = FeatureDrafter.load(str(tmp_path / "d"), target=small_llama)
     assert loaded.hidden_state_layers == drafter.hidden_state_layers
+    assert loaded.confidence_threshold == 0.0  # saved as constructed
+    drafter.confidence_threshold = 0.3
+    drafter.save(str(tmp_path / "sure"))
+    assert FeatureDrafter.load(str(tmp_path / "sure"), target=small_llama).confidence_threshold == 0.3
+    meta = read_config(str(tmp_path / "d"))
+    del meta["config"]["confidence_threshold"]  # a folder saved before the threshold was stored
+    _write_config(str(tmp_path / "d"), meta)
+    assert FeatureDrafter.load(str(tmp_path / "d"), target=small_llama).confidence_threshold == 0.0
+    drafter.confidence_threshold = 0.0
     sampling = SamplingParams(do_sample=True, temperature=0.9)
     outs = []
     for d in (drafter, loaded):

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from fastspec.cli import main
-from fastspec.drafters import FeatureDrafter
+from fastspec.drafters import FeatureDrafter, load_drafter
+from fastspec.drafters.feature import TRAINED_CONFIDENCE_THRESHOLD
 from fastspec.targets import load_target_and_tokenizer
 from test_cli import target_dir  # noqa: F401  (the tiny saved target fixture)
 from test_feature_drafter import one_thread  # noqa: F401  (autouse: one torch thread)
@@ -101,12 +102,20 @@ def test_training_options_reach_the_trainer_and_the_metadata(target_dir, tmp_pat
     assert training["unroll_ramp"] == 0.5 and training["time_budget_s"] == 600 and training["topk"] == 8
     assert training["feature_layers"] == [0, -1] and training["steps"] == 3
     target, _ = load_target_and_tokenizer(target_dir)
-    assert FeatureDrafter.load(str(folder), target=target).hidden_state_layers == (0, -1)
+    loaded = FeatureDrafter.load(str(folder), target=target)
+    assert loaded.hidden_state_layers == (0, -1)
+    # the default threshold is saved with the drafter, and load() / load_drafter apply it
+    assert training["confidence_threshold"] == TRAINED_CONFIDENCE_THRESHOLD == 0.4
+    assert loaded.confidence_threshold == 0.4 and load_drafter(str(folder), target).confidence_threshold == 0.4
+    assert FeatureDrafter.load(str(folder), target=target, confidence_threshold=0.0).confidence_threshold == 0.0
     # -1: whole sequences (no window); the defaults are FeatureTrainConfig's
     assert _train(target_dir, tmp_path, "whole", "--max_steps", "1", "--feature_data", "references",
                   "--context_window", "-1") == 0
     assert seen["config"].context_window is None and seen["config"].lr_schedule == "constant"
     assert seen["config"].shortlist_size == 64 and seen["config"].topk == 32
+    assert _train(target_dir, tmp_path, "eager", "--max_steps", "1", "--feature_data", "references",
+                  "--confidence_threshold", "0") == 0
+    assert FeatureDrafter.load(str(tmp_path / "eager" / "drafter"), target=target).confidence_threshold == 0.0
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -115,6 +124,7 @@ def test_training_options_reach_the_trainer_and_the_metadata(target_dir, tmp_pat
     (["--min_lr_ratio", "1.5"], "--min_lr_ratio must be in [0, 1]"),
     (["--unroll_ramp", "1"], "--unroll_ramp must be in [0, 1)"),
     (["--time_budget_s", "0"], "--time_budget_s must be > 0"),
+    (["--confidence_threshold", "1"], "--confidence_threshold must be in [0, 1)"),
     (["--feature_layers", "2,x"], "--feature_layers '2,x': give comma-separated"),
     (["--feature_layers", "5"], "hidden_states are indexed -2..1"),
 ])

@@ -92,6 +92,8 @@ def check_feature_flags(args) -> None:
         raise TrainingError(f"--unroll_ramp must be in [0, 1), got {args.unroll_ramp}")
     if args.time_budget_s is not None and not args.time_budget_s > 0:
         raise TrainingError(f"--time_budget_s must be > 0, got {args.time_budget_s}")
+    if not 0.0 <= args.confidence_threshold < 1.0:
+        raise TrainingError(f"--confidence_threshold must be in [0, 1), got {args.confidence_threshold}")
     parse_feature_layers(args.feature_layers, None)
 
 
@@ -168,6 +170,7 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
         checkpoint_dir=ckpt_dir, checkpoint_every=args.ckpt_every or max_steps or DEFAULT_MAX_STEPS, seed=args.seed,
         progress=not args.no_progress)
     drafter = train_feature_drafter(target, pairs, config)
+    drafter.confidence_threshold = args.confidence_threshold
     folder = os.path.join(out_dir, "drafter")
     drafter.save(folder)
     meta = {"drafter": "feature", "feature_data": kinds, "pseudo_dataset": args.pseudo_dataset_path,
@@ -176,6 +179,7 @@ def train_feature_from_cli(args, target, tokenizer) -> int:
             "shortlist": drafter.train_stats["shortlist_size"], "feature_layers": list(layers), "topk": args.topk,
             "context_window": context_window, "lr": args.lr, "lr_schedule": args.lr_schedule,
             "min_lr_ratio": args.min_lr_ratio, "time_budget_s": time_budget_s, "paper_tokens": args.paper_tokens,
+            "confidence_threshold": args.confidence_threshold,
             "steps": drafter.train_stats["steps"], "seconds": round(drafter.train_stats["seconds"], 1),
             "final_loss": drafter.train_stats["final_loss"]}
     stamp_training(folder, meta)

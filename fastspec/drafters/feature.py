@@ -60,6 +60,10 @@ from fastspec.errors import UserError
 
 KIND = "feature"
 DEFAULT_LAYERS = (-1,)
+# The threshold `fastspec train --drafter feature` saves with the drafter (load() applies it): at 0.4
+# the drafter alone went 0.74x -> 0.99x of AR and as prompt lookup's fallback 1.24x -> 1.42x (SmolLM2,
+# aclsum, γ 6, fp32; stop 16 at γ 4: 0.62x -> 0.84x, 0.89x -> 0.97x). bench/RESULTS.md.
+TRAINED_CONFIDENCE_THRESHOLD = 0.4
 
 
 def eagle3_layers(num_layers: int) -> tuple:
@@ -459,14 +463,19 @@ class FeatureDrafter(Drafter):
 
     # ------------------------------------------------------------------ save / load
     def save(self, folder: str) -> None:
-        """config.json + model.safetensors; the target's embeddings are not saved."""
-        save_folder(folder, KIND, self.model.config_dict(), self.model.state_dict())
+        """config.json (with ``confidence_threshold``) + model.safetensors; the target's embeddings are not saved."""
+        config = dict(self.model.config_dict(), confidence_threshold=self.confidence_threshold)
+        save_folder(folder, KIND, config, self.model.state_dict())
 
     @classmethod
     def load(cls, folder: str, target=None, dtype: Optional[torch.dtype] = None,
-             confidence_threshold: float = 0.0) -> "FeatureDrafter":
-        """Load a saved drafter and attach ``target``'s embeddings (the target must match)."""
+             confidence_threshold: Optional[float] = None) -> "FeatureDrafter":
+        """Load a saved drafter and attach ``target``'s embeddings (the target must match).
+        ``confidence_threshold``: None = the saved one (0 for folders saved without it)."""
         config, tensors = load_folder(folder, KIND)
+        saved_threshold = config.pop("confidence_threshold", 0.0)
+        if confidence_threshold is None:
+            confidence_threshold = saved_threshold
         if target is None:
             raise UserError("FeatureDrafter.load needs target=: the drafter reads the target's embeddings")
         try:
@@ -479,4 +488,4 @@ class FeatureDrafter(Drafter):
         return cls(model, confidence_threshold)
 
 
-__all__ = ["FeatureDrafter", "FeatureModel", "RowKV", "eagle3_layers"]
+__all__ = ["FeatureDrafter", "FeatureModel", "RowKV", "TRAINED_CONFIDENCE_THRESHOLD", "eagle3_layers"]
