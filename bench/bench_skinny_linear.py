@@ -7,8 +7,8 @@ of a verify forward, and what it does to r (a (γ+1)-token forward / a 1-token f
    1536×576, down 576×1536; random weights, 89 MB, so they stream from memory as in a real
    forward) and its 49152×576 head, for M = 1, 2, 5, 8, 12 rows; BLAS and kernel interleaved,
    medians of ROUNDS. Also native vs its PyTorch reference (same sums) on a small shape.
-2. r per γ on SmolLM2 (real weights), fp32, forwards after a 150-token prompt, the same model
-   without and with the kernel (two copies, interleaved; bench_precision's method).
+2. r per γ on SmolLM2 (real weights), fp32, forwards after a 150-token prompt: BLAS, the kernel,
+   and the kernel + fastspec.grouped_attention (three copies, interleaved; bench_precision's method).
 """
 import statistics
 import time
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fastspec import ops
+from fastspec.grouped_attention import grouped_attention
 from fastspec.skinny_linear import skinny_linears
 
 ROUNDS = 9
@@ -73,13 +74,15 @@ def test_r_per_gamma_smollm2_with_kernel(benchmark):
     from bench_precision import _forward_times, _table
     from fastspec.targets import load_smollm2
 
-    blas, skinny = load_smollm2(dtype=torch.float32)[0], load_smollm2(dtype=torch.float32)[0]
+    blas, skinny, both = (load_smollm2(dtype=torch.float32)[0] for _ in range(3))
     prompt = torch.randint(100, 40000, (1, 150), generator=torch.Generator().manual_seed(0))
-    with skinny_linears(skinny) as swapped:
-        assert swapped > 200
+    models = {"float32 BLAS": blas, "float32 skinny": skinny, "float32 skinny + grouped attention": both}
+    with skinny_linears(skinny) as swapped, skinny_linears(both), grouped_attention(both) as grouped:
+        assert swapped > 200 and grouped
         medians = benchmark.pedantic(
-            _forward_times, args=({"float32 BLAS": blas, "float32 skinny": skinny}, lambda m: {"input_ids": prompt},
+            _forward_times, args=(models, lambda m: {"input_ids": prompt},
                                   lambda m, w: {"input_ids": prompt[:, :w],
                                                 "position_ids": torch.arange(150, 150 + w)[None]}),
             rounds=1, iterations=1)
-    benchmark.extra_info["smollm2"] = _table("SmolLM2-135M-Instruct fp32, BLAS vs skinny_linear", medians)
+    benchmark.extra_info["smollm2"] = _table("SmolLM2-135M-Instruct fp32: BLAS, skinny_linear, + grouped attention",
+                                             medians)

@@ -18,6 +18,7 @@ from fastspec.engine.inputs import build_request, split_model_inputs
 from fastspec.engine.session import Stopwatch, TargetSession
 from fastspec.engine.speculative import speculative_decode
 from fastspec.metrics import GenerationMetrics, ideal_speedup
+from fastspec.grouped_attention import grouped_attention
 from fastspec.skinny_linear import skinny_linears
 
 
@@ -53,7 +54,9 @@ def generate(
             ``dynamic_gamma``/``min_gamma``/``max_gamma``, ``sync_timing`` (CUDA-synchronised
             per-forward timing; default off, or env FASTSPEC_SYNC_TIMING=1) and ``skinny_linear``
             (default True: the target's few-row float32 CPU linears run on
-            :func:`fastspec.ops.skinny_linear`; see :mod:`fastspec.skinny_linear`).
+            :func:`fastspec.ops.skinny_linear`; see :mod:`fastspec.skinny_linear`) and
+            ``grouped_attention`` (default True: grouped-query SDPA over multi-token blocks
+            without copying the KV cache; see :mod:`fastspec.grouped_attention`).
 
     Returns:
         GenerateOutput(sequences [B·n, T] like HF generate(), metrics).
@@ -66,7 +69,7 @@ def generate(
     settings = validate_settings(model, drafter, gamma, config, options, request.prompt.shape[1])
     stopwatch = Stopwatch(request.prompt.device, settings.sync_timing)
     total_start = stopwatch.now()
-    with skinny_linears(model, settings.skinny_linear):
+    with skinny_linears(model, settings.skinny_linear), grouped_attention(model, settings.grouped_attention):
         if settings.num_beams > 1:
             sequences = beam_search(model, request, settings, metrics, stopwatch)
         else:

@@ -18,7 +18,8 @@ from fastspec.drafters.base import SamplingParams
 from fastspec.errors import UserError
 
 # Engine options that are not GenerationConfig attributes.
-ENGINE_OPTIONS = ("seed", "dynamic_gamma", "min_gamma", "max_gamma", "sync_timing", "skinny_linear")
+ENGINE_OPTIONS = ("seed", "dynamic_gamma", "min_gamma", "max_gamma", "sync_timing", "skinny_linear",
+                  "grouped_attention")
 
 # GenerationConfig attributes we cannot honour, with the values that mean "off".
 _UNSUPPORTED_DEFAULTS = {
@@ -144,6 +145,7 @@ class Settings:
     max_gamma: int
     sync_timing: bool
     skinny_linear: bool = True  # the target's few-row fp32 CPU linears on fastspec.ops.skinny_linear
+    grouped_attention: bool = True  # grouped-query SDPA blocks without copying the KV cache (fastspec.grouped_attention)
     # HF's mask-type processors (DESIGN §9), applied at every verified position
     no_repeat_ngram_size: int = 0
     bad_words_ids: Tuple[Tuple[int, ...], ...] = ()
@@ -286,6 +288,7 @@ def validate_settings(model, drafter, gamma: int, config, options, prompt_width:
         seed=options.get("seed"),
         sync_timing=bool(sync),
         skinny_linear=bool(options.get("skinny_linear", True)),
+        grouped_attention=bool(options.get("grouped_attention", True)),
         **_gammas(drafter, gamma, options),
         **_processor_settings(config, eos, vocab),
     )
