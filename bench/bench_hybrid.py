@@ -116,14 +116,16 @@ def target_outputs(target, prompts, args):
 
 def build_drafters(args, target):
     """{name: drafter}: lookup alone, the feature drafter alone, the hybrids."""
-    def feature(threshold=0.0):
+    def feature(threshold=None):  # None: the threshold saved with the drafter (load_drafter's default)
         drafter = load_drafter(args.drafter, target=target)
-        drafter.confidence_threshold = threshold
+        if threshold is not None:
+            drafter.confidence_threshold = threshold
         return drafter
 
     drafters = {f"prompt lookup (max_n {n})": PromptLookupDrafter(max_n=n, min_n=1) for n in args.max_n}
     if args.drafter:
-        drafters["feature drafter"] = feature()
+        saved = feature()
+        drafters[f"feature drafter (saved threshold {saved.confidence_threshold:g})"] = saved
         for t in args.confidence:
             drafters[f"feature drafter, confidence ≥ {t}"] = feature(t)
             for n in args.max_n:
