@@ -17,8 +17,8 @@ from fastspec.engine.config import resolve_generation_config, validate_settings
 from fastspec.engine.inputs import build_request, split_model_inputs
 from fastspec.engine.session import Stopwatch, TargetSession
 from fastspec.engine.speculative import speculative_decode
-from fastspec.metrics import GenerationMetrics, ideal_speedup
 from fastspec.grouped_attention import grouped_attention
+from fastspec.metrics import GenerationMetrics, ideal_speedup
 from fastspec.skinny_linear import skinny_linears
 
 
@@ -52,7 +52,7 @@ def generate(
             repetition_penalty, no_repeat_ngram_size, bad_words_ids, forced_bos/eos_token_id,
             suppress_tokens, begin_suppress_tokens, num_beams, ...); engine options ``seed``,
             ``dynamic_gamma``/``min_gamma``/``max_gamma``, ``sync_timing`` (CUDA-synchronised
-            per-forward timing; default off, or env FASTSPEC_SYNC_TIMING=1) and ``skinny_linear``
+            per-forward timing; default off, or env FASTSPEC_SYNC_TIMING=1), ``skinny_linear``
             (default True: the target's few-row float32 CPU linears run on
             :func:`fastspec.ops.skinny_linear`; see :mod:`fastspec.skinny_linear`) and
             ``grouped_attention`` (default True: grouped-query SDPA over multi-token blocks
