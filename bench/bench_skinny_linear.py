@@ -11,11 +11,11 @@ of a verify forward, and what it does to r (a (γ+1)-token forward / a 1-token f
    and the kernel + fastspec.grouped_attention (three copies, interleaved; bench_precision's method).
 """
 import statistics
-import time
 
 import pytest
 import torch
 
+from bench_drafters import _interleaved
 from fastspec import ops
 from fastspec.grouped_attention import grouped_attention
 from fastspec.skinny_linear import skinny_linears
@@ -25,15 +25,8 @@ LAYER_SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (15
 
 
 def interleaved(calls, rounds=ROUNDS):
-    """{name: median seconds} of each call, run in turns after one warm-up round."""
-    times = {name: [] for name in calls}
-    for r in range(rounds + 1):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if r:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """{name: median seconds} of each call (bench_drafters' round-robin after a warm-up round)."""
+    return {name: statistics.median(ts) for name, ts in _interleaved(calls, rounds).items()}
 
 
 @pytest.mark.skipif(not ops.native_available(), reason="fastspec._C not built")

@@ -16,6 +16,9 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 NAME = "fastspec_grouped_sdpa"
 
@@ -25,8 +28,6 @@ def grouped_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
                  **kwargs):
     """transformers' attention-function signature. query [B,H,W,D]; key, value [B,H_kv,L,D];
     attention_mask [B,1,W,L] (bool or additive) or None. Returns ([B,W,H,D], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     batch, heads, width, dim = query.shape
     groups = heads // key.shape[1]
     if groups == 1 or attention_mask is None or dropout or kwargs.get("output_attentions"):
@@ -39,12 +40,9 @@ def grouped_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return out.reshape(batch, heads, width, dim).transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(NAME, grouped_sdpa)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+# registered once, under our own name: transformers' "sdpa" entry (HF's own generate) is untouched
+AttentionInterface.register(NAME, grouped_sdpa)
+AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def _uses_grouped_query_sdpa(config) -> bool:
@@ -61,7 +59,6 @@ def grouped_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[
     config = getattr(model, "config", None)
     switch = bool(enabled and config is not None and _uses_grouped_query_sdpa(config))
     if switch:
-        _register()
         config._attn_implementation = NAME
     try:
         yield switch
