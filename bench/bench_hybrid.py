@@ -209,11 +209,12 @@ def timed(args, target, prompts, drafters):
     """The real engine on the first prompts: every drafter above and HF's prompt lookup against
     fastspec's autoregressive decoding, interleaved per prompt (eval.compare)."""
     decoders = [Decoder(name, drafter, args.gamma) for name, drafter in drafters.items()]
-    # the target as plain torch/transformers runs it: BLAS linears, SDPA with the KV repeat
-    plain = {"skinny_linear": False, "grouped_attention": False}
-    decoders.append(Decoder("AR, plain linears + attention", None, options=plain))
+    # the target as plain torch/transformers runs it: BLAS linears, SDPA with the KV repeat, a
+    # re-concatenated KV cache
+    plain = {"skinny_linear": False, "grouped_attention": False, "inplace_cache": False}
+    decoders.append(Decoder("AR, plain transformers paths", None, options=plain))
     for name in [n for n in drafters if n.startswith("prompt lookup")]:
-        decoders.append(Decoder(f"{name}, plain linears + attention", drafters[name], args.gamma, options=plain))
+        decoders.append(Decoder(f"{name}, plain transformers paths", drafters[name], args.gamma, options=plain))
     decoders.append(hf_generate_decoder(target, "HF greedy"))
     decoders.append(hf_generate_decoder(target, "HF prompt_lookup_num_tokens=3", prompt_lookup_num_tokens=3))
     result = compare(target, decoders, prompts, max_new_tokens=args.max_new_tokens, gamma=args.gamma,

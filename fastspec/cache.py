@@ -8,6 +8,8 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicLayer
 
 
 def cache_length(cache) -> int:
@@ -33,14 +35,93 @@ def select_cache_rows(cache, rows: torch.Tensor) -> None:
         cache.batch_select_indices(rows)
 
 
-def new_cache(model):
-    """An empty cache of the type the model's generate() would use (dynamic, croppable)."""
-    from transformers import DynamicCache, EncoderDecoderCache
+class GrowableLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views of a buffer with spare capacity along the sequence.
 
+    DynamicLayer re-concatenates the whole layer cache on every forward (O(cache) copy per layer per
+    step: ≈ 5 ms of an 80 ms SmolLM2 step at a 500-token prompt on 2 CPU cores). Here an append
+    writes only the new positions in place; a crop just shortens the view. The buffer grows by
+    half its size when full (amortised O(new tokens)). ``keys``/``values`` stay [B,H,L,D] views with
+    unit stride on D, so attention reads exactly the values a DynamicLayer would hold.
+    """
+
+    GROWTH = 1.5
+    MIN_SPARE = 64
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer = self._value_buffer = None  # [B,H,capacity,D]
+        self._length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            self._grow(key_states, value_states, end)
+        self._key_buffer[..., self._length:end, :] = key_states
+        self._value_buffer[..., self._length:end, :] = value_states
+        self._set_length(end)
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        capacity = max(int(needed * self.GROWTH), needed + self.MIN_SPARE)
+        keys = key_states.new_empty(*key_states.shape[:-2], capacity, key_states.shape[-1])
+        values = value_states.new_empty(*value_states.shape[:-2], capacity, value_states.shape[-1])
+        if self._length:
+            keys[..., : self._length, :] = self.keys
+            values[..., : self._length, :] = self.values
+        self._key_buffer, self._value_buffer = keys, values
+
+    def _set_length(self, length: int) -> None:
+        self._length = length
+        self.keys = self._key_buffer[..., :length, :]
+        self.values = self._value_buffer[..., :length, :]
+
+    def get_seq_length(self) -> int:
+        return self._length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized or self._key_buffer is None:
+            return
+        self._set_length(max(self._length + tokens_to_remove, 0))
+
+    def _select_rows(self, pick) -> None:
+        """Apply ``pick`` (a [B,...] -> [B',...] row map) to the buffers, keeping the spare capacity."""
+        if self._key_buffer is not None:
+            self._key_buffer, self._value_buffer = pick(self._key_buffer), pick(self._value_buffer)
+            self._set_length(self._length)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(lambda t: t[indices.to(t.device)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+def _growable(cache):
+    """``cache`` with its plain DynamicLayers replaced by GrowableLayers (sliding-window and other
+    layer kinds keep their own class)."""
+    cache.layers = [GrowableLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def new_cache(model, inplace: bool = True):
+    """An empty cache of the type the model's generate() would use (dynamic, croppable); with
+    ``inplace``, its self-attention layers append in place (:class:`GrowableLayer`)."""
     config = model.config
+    self_attention = DynamicCache(config=config)
+    if inplace:
+        self_attention = _growable(self_attention)
     if config.is_encoder_decoder:
-        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-    return DynamicCache(config=config)
+        # cross-attention K/V are written once per request: no appends to save
+        return EncoderDecoderCache(self_attention, DynamicCache(config=config))
+    return self_attention
 
 
 def cache_kwarg(module) -> str:

@@ -54,9 +54,11 @@ def generate(
             ``dynamic_gamma``/``min_gamma``/``max_gamma``, ``sync_timing`` (CUDA-synchronised
             per-forward timing; default off, or env FASTSPEC_SYNC_TIMING=1), ``skinny_linear``
             (default True: the target's few-row float32 CPU linears run on
-            :func:`fastspec.ops.skinny_linear`; see :mod:`fastspec.skinny_linear`) and
+            :func:`fastspec.ops.skinny_linear`; see :mod:`fastspec.skinny_linear`),
             ``grouped_attention`` (default True: grouped-query SDPA over multi-token blocks
-            without copying the KV cache; see :mod:`fastspec.grouped_attention`).
+            without copying the KV cache; see :mod:`fastspec.grouped_attention`) and
+            ``inplace_cache`` (default True: the target's KV appends write into spare capacity
+            instead of re-concatenating the cache; see :class:`fastspec.cache.GrowableLayer`).
 
     Returns:
         GenerateOutput(sequences [B·n, T] like HF generate(), metrics).

@@ -48,7 +48,7 @@ def beam_search(model, request: Request, settings: Settings, metrics: Generation
     # HF fills unused slots with `pad or eos[0]` (a pad id of 0 counts as unset there)
     fill = (settings.pad_token_id or settings.eos[0]) if settings.eos else -1
 
-    session = TargetSession(model, request, stopwatch)  # encoder / prefill once per batch row
+    session = TargetSession(model, request, stopwatch, inplace_cache=settings.inplace_cache)  # encoder / prefill once
     session.select(torch.arange(batch, device=device).repeat_interleave(num_beams))  # one row per beam
     processors = LogitsProcessors(settings, vocab, device)
     aligned, seq_len = left_align(request.prompt, request.prompt_mask, pad=0)

@@ -19,7 +19,7 @@ from fastspec.errors import UserError
 
 # Engine options that are not GenerationConfig attributes.
 ENGINE_OPTIONS = ("seed", "dynamic_gamma", "min_gamma", "max_gamma", "sync_timing", "skinny_linear",
-                  "grouped_attention")
+                  "grouped_attention", "inplace_cache")
 
 # GenerationConfig attributes we cannot honour, with the values that mean "off".
 _UNSUPPORTED_DEFAULTS = {
@@ -146,6 +146,7 @@ class Settings:
     sync_timing: bool
     skinny_linear: bool = True  # the target's few-row fp32 CPU linears on fastspec.ops.skinny_linear
     grouped_attention: bool = True  # grouped-query SDPA blocks without copying the KV cache (fastspec.grouped_attention)
+    inplace_cache: bool = True  # the target's KV appends write in place (fastspec.cache.GrowableLayer)
     # HF's mask-type processors (DESIGN §9), applied at every verified position
     no_repeat_ngram_size: int = 0
     bad_words_ids: Tuple[Tuple[int, ...], ...] = ()
@@ -289,6 +290,7 @@ def validate_settings(model, drafter, gamma: int, config, options, prompt_width:
         sync_timing=bool(sync),
         skinny_linear=bool(options.get("skinny_linear", True)),
         grouped_attention=bool(options.get("grouped_attention", True)),
+        inplace_cache=bool(options.get("inplace_cache", True)),
         **_gammas(drafter, gamma, options),
         **_processor_settings(config, eos, vocab),
     )

@@ -61,7 +61,8 @@ class TargetSession:
     rows: [b] original row index of each compact row; cached: [b] real tokens in the cache.
     """
 
-    def __init__(self, model, request: Request, stopwatch: Stopwatch, feature_layers: Optional[tuple] = None):
+    def __init__(self, model, request: Request, stopwatch: Stopwatch, feature_layers: Optional[tuple] = None,
+                 inplace_cache: bool = True):
         self.model = model
         self.feature_layers = tuple(int(i) for i in feature_layers) if feature_layers else None
         self.features: Optional[torch.Tensor] = None  # [b,W',H'] the last block's stream (+ the carry)
@@ -71,7 +72,7 @@ class TargetSession:
         self.is_seq2seq = introspect.is_encoder_decoder(model)
         self.device = introspect.model_device(model)
         self.stopwatch = stopwatch
-        self.cache = new_cache(model)
+        self.cache = new_cache(model, inplace_cache)
         self.calls, self.time_s = 0, 0.0  # every target forward
         self.verify_calls, self.verify_time_s = 0, 0.0  # decode-step forwards only
         self.block_start = 0  # cache length before the last block

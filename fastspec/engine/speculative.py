@@ -189,7 +189,8 @@ def speculative_decode(model, drafter, request, settings: Settings, metrics: Gen
     processors = LogitsProcessors(settings, vocab, rows.seq.device)
     clock = DraftClock(drafter, stopwatch, metrics)
     if session is None:
-        session = TargetSession(model, request, stopwatch, getattr(drafter, "hidden_state_layers", None))
+        session = TargetSession(model, request, stopwatch, getattr(drafter, "hidden_state_layers", None),
+                                settings.inplace_cache)
     if drafter is not None:
         clock("begin", draft_request(request, model, settings, generator, int(rows.seq[0, 0]), session))
     gamma = settings.gamma
