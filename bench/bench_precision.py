@@ -26,13 +26,14 @@ LAYERS = int(os.environ.get("FASTSPEC_BENCH_LAYERS", "12"))
 WIDTHS = list(range(1, 10))  # γ + 1 for γ = 0..8
 
 
-def _forward_times(models, prefix_kwargs, step_kwargs):
+def _forward_times(models, prefix_kwargs, step_kwargs, inplace_cache=None):
     """{dtype: {width: median seconds}} of one forward of `width` new tokens after a cached prefix.
-    prefix_kwargs(model) -> kwargs that fill the cache; step_kwargs(model, width) -> kwargs of one step."""
+    prefix_kwargs(model) -> kwargs that fill the cache; step_kwargs(model, width) -> kwargs of one step;
+    inplace_cache: {key of models: False} for transformers' re-concatenating cache (default: the engine's)."""
     caches = {}
     with torch.no_grad():
         for dtype, model in models.items():
-            caches[dtype] = new_cache(model)
+            caches[dtype] = new_cache(model, (inplace_cache or {}).get(dtype, True))
             model(**prefix_kwargs(model), **{cache_kwarg(model): caches[dtype]}, use_cache=True)
         base = {dtype: cache_length(cache) for dtype, cache in caches.items()}
         times = {dtype: {w: [] for w in WIDTHS} for dtype in models}

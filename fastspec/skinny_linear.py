@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, List
 
 import torch
 
@@ -56,16 +56,26 @@ def available() -> bool:
     return ops.native_available() and os.environ.get("FASTSPEC_SKINNY_LINEAR", "1") not in ("0", "false", "False")
 
 
+def to_skinny(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """Turn ``model``'s plain float32 CPU ``nn.Linear`` modules into :class:`SkinnyLinear` (a class
+    swap: weights and state dict untouched); returns them. Nothing when the kernel is unavailable.
+    Permanent use is for fastspec's own drafters, whose few-row calls take the kernel and whose
+    training (autograd) falls back to ``nn.Linear``; a caller's model is swapped only by
+    :func:`skinny_linears`."""
+    if not available():
+        return []
+    swapped = [m for m in model.modules() if type(m) is torch.nn.Linear
+               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    for module in swapped:
+        module.__class__ = SkinnyLinear
+    return swapped
+
+
 @contextlib.contextmanager
 def skinny_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
     """Run ``model``'s plain ``nn.Linear`` modules as :class:`SkinnyLinear` inside the block; yields
     how many were swapped (0 when disabled, unavailable, or none are float32 on the CPU)."""
-    swapped = []
-    if enabled and available():
-        swapped = [m for m in model.modules() if type(m) is torch.nn.Linear
-                   and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    for module in swapped:
-        module.__class__ = SkinnyLinear
+    swapped = to_skinny(model) if enabled else []
     try:
         yield len(swapped)
     finally:

@@ -1,5 +1,7 @@
 """fastspec.ops.skinny_linear (native vs its PyTorch reference, bit for bit) and its use on the
 target's linears inside fastspec.generate (lossless against the target's own greedy decoding)."""
+import copy
+
 import pytest
 import torch
 
@@ -137,3 +139,32 @@ def test_generate_uses_the_kernel_and_stays_lossless(name, request, monkeypatch,
     calls.clear()
     off = fastspec.generate(model, None, ids, mask, max_new_tokens=12, skinny_linear=False)
     assert not calls and torch.equal(off.sequences, reference)
+
+
+@native
+def test_to_skinny_is_permanent_and_trains_like_nn_linear():
+    """fastspec's own drafters keep SkinnyLinear modules: few-row inference takes the kernel, and
+    autograd falls back to nn.Linear with the same gradients."""
+    from fastspec.skinny_linear import to_skinny
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    skinny = copy.deepcopy(plain)
+    assert len(to_skinny(skinny)) == 2 and type(skinny[0]) is SkinnyLinear
+    x = torch.randn(4, 16)
+    for model in (plain, skinny):
+        model(x).square().sum().backward()
+    for a, b in zip(plain.parameters(), skinny.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    with torch.no_grad():
+        hidden = ops.skinny_linear(x, skinny[0].weight, skinny[0].bias).tanh()
+        assert torch.equal(skinny(x), ops.skinny_linear(hidden, skinny[2].weight, skinny[2].bias))
+
+
+@native
+def test_feature_drafter_layers_take_the_kernel(tiny_llama):
+    from fastspec.drafters import FeatureDrafter
+
+    drafter = FeatureDrafter.from_target(tiny_llama)
+    linears = [m for m in drafter.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is SkinnyLinear for m in linears)

@@ -57,6 +57,7 @@ from fastspec.drafters.context import decoder_prefix
 from fastspec.drafters.folder import load_folder, save_folder
 from fastspec.drafters.shortlist import check_shortlist, to_vocab
 from fastspec.errors import UserError
+from fastspec.skinny_linear import to_skinny
 
 KIND = "feature"
 DEFAULT_LAYERS = (-1,)
@@ -179,6 +180,7 @@ class FeatureModel(nn.Module):
         self.head = nn.Linear(h, size, bias=False)
         self.register_buffer("shortlist_ids", torch.arange(size, dtype=torch.long))  # draft id -> target id
         self.__dict__["_embed"] = None  # the target's module: not a submodule, never saved
+        to_skinny(self)  # its 1-row draft steps on the native kernel; training (autograd) stays nn.Linear
 
     # ------------------------------------------------------------------ construction
     @classmethod
