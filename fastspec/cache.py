@@ -38,9 +38,9 @@ def select_cache_rows(cache, rows: torch.Tensor) -> None:
 class GrowableLayer(DynamicLayer):
     """A DynamicLayer whose keys/values are views of a buffer with spare capacity along the sequence.
 
-    DynamicLayer re-concatenates the whole layer cache on every forward (O(cache) copy per layer per
-    step: ≈ 5 ms of an 80 ms SmolLM2 step at a 500-token prompt on 2 CPU cores). Here an append
-    writes only the new positions in place; a crop just shortens the view. The buffer grows by
+    DynamicLayer re-concatenates the whole layer cache on every forward (an O(cache) copy per layer
+    per step, which grows with the prompt). Here an append writes only the new positions in place; a
+    crop just shortens the view. The buffer grows by
     half its size when full (amortised O(new tokens)). ``keys``/``values`` stay [B,H,L,D] views with
     unit stride on D, so attention reads exactly the values a DynamicLayer would hold.
     """
