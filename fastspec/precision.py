@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from fastspec.errors import UserError
+from fastspec.skinny_linear import to_plain
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 DRAFTER_DTYPES = ("float32", "bfloat16", "float16", "int8")  # load_drafter(dtype=...), --drafter_dtype
@@ -108,6 +109,7 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
     if any(p.device.type != "cpu" for p in module.parameters()):
         raise UserError("int8 drafters run on the CPU only (torch.ao dynamic quantization)")
     wrapped = torch.nn.Sequential(copy.deepcopy(module).float())  # quantize_dynamic swaps children only
+    to_plain(wrapped.modules())  # it quantizes exact nn.Linear types only (fastspec's drafters use SkinnyLinear)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notices would print on every call site
         torch.ao.quantization.quantize_dynamic(wrapped, {torch.nn.Linear, torch.nn.LSTM}, dtype=torch.qint8,

@@ -71,6 +71,13 @@ def to_skinny(model: torch.nn.Module) -> List[torch.nn.Module]:
     return swapped
 
 
+def to_plain(modules) -> None:
+    """Undo :func:`to_skinny` on ``modules`` (an iterable of modules; SkinnyLinear -> nn.Linear)."""
+    for module in modules:
+        if type(module) is SkinnyLinear:
+            module.__class__ = torch.nn.Linear
+
+
 @contextlib.contextmanager
 def skinny_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
     """Run ``model``'s plain ``nn.Linear`` modules as :class:`SkinnyLinear` inside the block; yields
@@ -79,5 +86,4 @@ def skinny_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[int
     try:
         yield len(swapped)
     finally:
-        for module in swapped:
-            module.__class__ = torch.nn.Linear
+        to_plain(swapped)
