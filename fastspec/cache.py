@@ -40,9 +40,10 @@ class GrowableLayer(DynamicLayer):
 
     DynamicLayer re-concatenates the whole layer cache on every forward (an O(cache) copy per layer
     per step, which grows with the prompt). Here an append writes only the new positions in place; a
-    crop just shortens the view. The buffer grows by
-    half its size when full (amortised O(new tokens)). ``keys``/``values`` stay [B,H,L,D] views with
-    unit stride on D, so attention reads exactly the values a DynamicLayer would hold.
+    crop just shortens the view. The buffer grows by half its size when full (amortised O(new
+    tokens)). ``keys``/``values`` stay [B,H,L,D] views with unit stride on D, so attention reads
+    exactly the values a DynamicLayer would hold; their length is the cache length
+    (DynamicLayer.get_seq_length).
     """
 
     GROWTH = 1.5
@@ -51,48 +52,47 @@ class GrowableLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._key_buffer = self._value_buffer = None  # [B,H,capacity,D]
-        self._length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self._length + key_states.shape[-2]
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
         if self._key_buffer is None or end > self._key_buffer.shape[-2]:
             self._grow(key_states, value_states, end)
-        self._key_buffer[..., self._length:end, :] = key_states
-        self._value_buffer[..., self._length:end, :] = value_states
-        self._set_length(end)
+        self._key_buffer[..., start:end, :] = key_states
+        self._value_buffer[..., start:end, :] = value_states
+        self._view(end)
         return self.keys, self.values
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
         capacity = max(int(needed * self.GROWTH), needed + self.MIN_SPARE)
         keys = key_states.new_empty(*key_states.shape[:-2], capacity, key_states.shape[-1])
         values = value_states.new_empty(*value_states.shape[:-2], capacity, value_states.shape[-1])
-        if self._length:
-            keys[..., : self._length, :] = self.keys
-            values[..., : self._length, :] = self.values
+        length = self.get_seq_length()
+        if length:  # before the first append keys/values are DynamicLayer's empty 1-D tensors
+            keys[..., :length, :] = self.keys
+            values[..., :length, :] = self.values
         self._key_buffer, self._value_buffer = keys, values
 
-    def _set_length(self, length: int) -> None:
-        self._length = length
+    def _view(self, length: int) -> None:
+        """Point keys/values at the buffers' first ``length`` positions."""
         self.keys = self._key_buffer[..., :length, :]
         self.values = self._value_buffer[..., :length, :]
-
-    def get_seq_length(self) -> int:
-        return self._length if self.is_initialized else 0
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        if tokens_to_remove == 0 or not self.is_initialized or self._key_buffer is None:
+        if tokens_to_remove == 0 or not self.is_initialized:
             return
-        self._set_length(max(self._length + tokens_to_remove, 0))
+        self._view(max(self.get_seq_length() + tokens_to_remove, 0))
 
     def _select_rows(self, pick) -> None:
         """Apply ``pick`` (a [B,...] -> [B',...] row map) to the buffers, keeping the spare capacity."""
-        if self._key_buffer is not None:
+        if self.is_initialized:
+            length = self.get_seq_length()
             self._key_buffer, self._value_buffer = pick(self._key_buffer), pick(self._value_buffer)
-            self._set_length(self._length)
+            self._view(length)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select_rows(lambda t: t[indices.to(t.device)])
