@@ -25,6 +25,19 @@ def _want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _openmp_flags():
+    """-fopenmp where torch's intra-op backend is OpenMP: at::parallel_for is a header template whose
+    `#pragma omp parallel` is dropped without it, leaving every native op on one thread. Linking
+    records libgomp.so.1, the soname torch's wheel already loaded, so both share one OpenMP runtime."""
+    import sys
+
+    import torch
+
+    if sys.platform == "darwin" or not torch._C.has_openmp or os.environ.get("FASTSPEC_OPENMP", "1") == "0":
+        return []
+    return ["-fopenmp"]
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -34,7 +47,7 @@ def _extensions():
         + [s for s in _sources("csrc/torch/*.cpp") if not s.endswith("_cuda.cpp")]
     )
     include_dirs = [os.path.abspath("csrc/include")]
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"] + _openmp_flags()
     if _want_cuda():
         cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/torch/*_cuda.cpp")
         arch_list = os.environ.get("FASTSPEC_CUDA_ARCHS", "80;90")
@@ -49,9 +62,11 @@ def _extensions():
                 define_macros=[("FASTSPEC_WITH_CUDA", "1")],
                 # No --use_fast_math: the verify kernels must match the CPU core bit for bit.
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"] + gencode},
+                extra_link_args=_openmp_flags(),
             )
         ]
-    return [CppExtension("fastspec._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=cxx_flags)]
+    return [CppExtension("fastspec._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=cxx_flags,
+                         extra_link_args=_openmp_flags())]
 
 
 def _cmdclass():

@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 import fastspec
 
@@ -17,3 +18,22 @@ def test_native_extension_is_loaded():
         f"fastspec._C is not importable from {os.path.dirname(fastspec.__file__)}: run `pytest` (not "
         "`python -m pytest` from the repo root) after `pip install --no-build-isolation .`, or build in place"
     )
+
+
+@pytest.mark.skipif(not fastspec.ops.native_available(), reason="fastspec._C not built")
+@pytest.mark.skipif(not torch._C.has_openmp, reason="this torch has no OpenMP intra-op backend")
+def test_native_ops_run_on_every_intra_op_thread():
+    # at::parallel_for is a header template: built without -fopenmp its pragma is dropped and every
+    # native op (the target's linears above all) ran on one thread while torch's own ops used two.
+    from fastspec import _C
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _C.parallel_threads_seen(64) == 2
+        torch.set_num_threads(1)
+        assert _C.parallel_threads_seen(64) == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        _C.parallel_threads_seen(0)
