@@ -88,8 +88,8 @@ def test_native_op_checks_its_own_arguments():
 
 def test_which_calls_take_the_kernel():
     w = torch.randn(7, 5)
-    assert takes_kernel(torch.randn(2, 4, 5), w)  # 8 rows
-    assert not takes_kernel(torch.randn(3, 3, 5), w)  # 9 rows: BLAS
+    assert takes_kernel(torch.randn(3, 8, 5), w)  # 24 rows
+    assert not takes_kernel(torch.randn(5, 5, 5), w)  # 25 rows: BLAS
     assert not takes_kernel(torch.randn(2, 5).bfloat16(), w)
     assert not takes_kernel(torch.randn(2, 5), w.double())
     assert not takes_kernel(torch.randn(2, 5, requires_grad=True), w)  # autograd: nn.Linear
