@@ -47,7 +47,8 @@ def _extensions():
         + [s for s in _sources("csrc/torch/*.cpp") if not s.endswith("_cuda.cpp")]
     )
     include_dirs = [os.path.abspath("csrc/include")]
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"] + _openmp_flags()
+    openmp = _openmp_flags()
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"] + openmp
     if _want_cuda():
         cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/torch/*_cuda.cpp")
         arch_list = os.environ.get("FASTSPEC_CUDA_ARCHS", "80;90")
@@ -62,11 +63,11 @@ def _extensions():
                 define_macros=[("FASTSPEC_WITH_CUDA", "1")],
                 # No --use_fast_math: the verify kernels must match the CPU core bit for bit.
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"] + gencode},
-                extra_link_args=_openmp_flags(),
+                extra_link_args=openmp,
             )
         ]
     return [CppExtension("fastspec._C", cpu_sources, include_dirs=include_dirs, extra_compile_args=cxx_flags,
-                         extra_link_args=_openmp_flags())]
+                         extra_link_args=openmp)]
 
 
 def _cmdclass():

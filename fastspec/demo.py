@@ -57,7 +57,7 @@ class DemoSize:
     sweep_gammas: tuple
 
 
-# γ ≤ 7: a verify block of ≤ 8 rows keeps the target's linears on the skinny kernel (fastspec.skinny_linear)
+# γ ≤ 7: a verify block of ≤ 8 rows is the skinny kernel's single pass over the weights (fastspec.skinny_linear)
 FULL = DemoSize(num_train=32, pseudo_max_new_tokens=64, num_test=5, max_new_tokens=64, lstm_steps=80,
                 feature_budget_s=90.0, sweep_prompts=2, sweep_gammas=(1, 3, 5, 7))
 QUICK = DemoSize(num_train=8, pseudo_max_new_tokens=32, num_test=2, max_new_tokens=32, lstm_steps=20,
