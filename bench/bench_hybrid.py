@@ -219,7 +219,7 @@ def timed(args, target, prompts, drafters):
     decoders.append(hf_generate_decoder(target, "HF prompt_lookup_num_tokens=3", prompt_lookup_num_tokens=3))
     result = compare(target, decoders, prompts, max_new_tokens=args.max_new_tokens, gamma=args.gamma,
                      generate_kwargs={"do_sample": False}, progress=False, desc="speed")
-    print(f"\nreal engine, {len(prompts)} prompts, {args.max_new_tokens} new tokens, γ {args.gamma} (fp32, batch 1)")
+    print(f"\nreal engine, {len(prompts)} prompts, {args.max_new_tokens} new tokens, γ {args.gamma} ({args.dtype}, batch 1)")
     print("| decoder | α | τ | c | speedup vs fastspec AR | identical to AR |")
     print("|---|---|---|---|---|---|")
     for row in result.rows:

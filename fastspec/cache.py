@@ -35,6 +35,28 @@ def select_cache_rows(cache, rows: torch.Tensor) -> None:
         cache.batch_select_indices(rows)
 
 
+def supports_holes(cache) -> bool:
+    """Whether masked columns ("holes") may sit between a row's cached tokens: only where every
+    self-attention layer is a plain dynamic layer (a sliding window counts columns, not tokens)."""
+    return all(type(layer) in (DynamicLayer, GrowableLayer) for layer in getattr(cache, "layers", [None]))
+
+
+def gather_cache_columns(cache, columns: torch.Tensor) -> None:
+    """Keep, for every row b, the cache columns ``columns[b]`` in that order ([B,L'] int64; every
+    layer becomes L' long). Compacts a cache with holes."""
+    for layer in cache.layers:
+        if not layer.is_initialized or layer.keys.numel() == 0:
+            continue
+        index = columns.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        keys, values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        if isinstance(layer, GrowableLayer):
+            layer._key_buffer[..., : keys.shape[-2], :] = keys
+            layer._value_buffer[..., : values.shape[-2], :] = values
+            layer._view(keys.shape[-2])
+        else:
+            layer.keys, layer.values = keys, values
+
+
 class GrowableLayer(DynamicLayer):
     """A DynamicLayer whose keys/values are views of a buffer with spare capacity along the sequence.
 

@@ -27,16 +27,19 @@ def test_demo_quick_end_to_end(tmp_path):
     )
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, log
-    assert "identical to autoregressive decoding (lossless)" in proc.stdout
 
     results = json.load(open(out / "results.json"))
     rows = {r["name"]: r for r in results["rows"]}
     drafter_rows = DRAFTER_ROWS + FEATURE_ROWS
     assert ["autoregressive", "HF generate"] + drafter_rows == [r["name"] for r in results["rows"]]
     settings = results["settings"]
+    # dtype auto: bf16 on a CPU with bf16 matrix units (AMX), else fp32
     assert settings["dtype"] in ("float32", "bfloat16") and f"{settings['dtype']} " in proc.stdout
     # greedy speculative outputs are token-for-token those of AR (in bf16: or part at a near-tie)
     exact = settings["dtype"] == "float32"
+    near_tie_verdict = f"part from autoregressive decoding only at near-ties of the {settings['dtype']} target (lossless)"
+    assert "all greedy outputs are identical to autoregressive decoding (lossless)" in proc.stdout or (
+        not exact and near_tie_verdict in proc.stdout)
     for r in results["rows"] + results["gamma_sweep"]["rows"]:
         assert r["identical"] is True or (not exact and r["divergence_near_tie"] is True), r
     ar_tokens = rows["autoregressive"]["new_tokens"]

@@ -252,6 +252,64 @@ def test_cache_after_rejection_matches_fresh_forward(targets, monkeypatch):
         assert checked > 8 * 3
 
 
+@pytest.mark.parametrize("compact_min_holes", [0, 10_000])
+def test_ragged_cache_keeps_every_committed_token_and_compacts(targets, monkeypatch, compact_min_holes):
+    """Causal batch with ragged acceptance: every row keeps the KV of all its committed tokens but
+    the newest (holes where it accepted less), so after the first block nothing is re-fed and the
+    block is γ + 1 wide; compacting the holes (at every step at 0, never at 10 000) keeps outputs equal."""
+    from fastspec.engine import session as session_module
+    from fastspec.engine.session import TargetSession
+
+    monkeypatch.setattr(TargetSession, "COMPACT_MIN_HOLES", compact_min_holes)
+    monkeypatch.setattr(TargetSession, "COMPACT_HOLE_FRACTION", 0.0 if compact_min_holes == 0 else 1.0)
+    seen = dict(holes=0, compactions=0, widths=[])
+    gather = session_module.gather_cache_columns
+
+    def spy_gather(cache, columns):
+        seen["compactions"] += 1
+        gather(cache, columns)
+
+    monkeypatch.setattr(session_module, "gather_cache_columns", spy_gather)
+    forward, advance = TargetSession.forward, TargetSession.advance
+
+    def spy_forward(self, seq, seq_len, num_positions):
+        seen["widths"].append(int((seq_len - 1 - self.cached).max()) + num_positions)
+        return forward(self, seq, seq_len, num_positions)
+
+    def spy_advance(self, seq_len):
+        advance(self, seq_len)
+        assert self.ragged and torch.equal(self.cached, seq_len - 1)
+        assert self.kv_mask.shape == (seq_len.shape[0], self.length)
+        assert torch.equal(self.kv_mask.sum(-1), self.cached)
+        seen["holes"] = max(seen["holes"], self.length - int(self.cached.max()))
+
+    monkeypatch.setattr(TargetSession, "forward", spy_forward)
+    monkeypatch.setattr(TargetSession, "advance", spy_advance)
+    out = _run(targets, "llama", "noisy", 8, 4, "none")
+    assert 0 < out.metrics.acceptance_rate < 1
+    assert seen["widths"][1:] and max(seen["widths"][1:]) <= 5  # [last, 4 drafts]: no pending re-fed
+    if compact_min_holes:
+        assert seen["holes"] > 0  # rows really diverged in length
+    else:
+        assert seen["compactions"] > 0
+
+
+def test_seq2seq_cache_stays_rectangular(targets, monkeypatch):
+    """T5's relative position bias reads cache columns, so its rows never get holes."""
+    from fastspec.engine.session import TargetSession
+
+    advance, ragged = TargetSession.advance, []
+
+    def spy_advance(self, seq_len):
+        advance(self, seq_len)
+        ragged.append(self.ragged or self.kv_mask is not None)
+        assert self.length == int(self.cached.min()) == int(self.cached.max())
+
+    monkeypatch.setattr(TargetSession, "advance", spy_advance)
+    _run(targets, "t5", "noisy", 8, 4, "none")
+    assert ragged and not any(ragged)
+
+
 def test_num_return_sequences_and_seed(targets):
     model, ids, mask, refs_by = targets["t5"]
     kwargs = dict(do_sample=True, max_new_tokens=8, num_return_sequences=3, seed=123, top_k=0)

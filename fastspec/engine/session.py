@@ -1,11 +1,20 @@
 """The target side of a request: the encoder once (seq2seq) or the prompt prefill (causal), then
-forwards over each row's pending + new tokens on one RECTANGULAR cache.
+forwards over each row's pending + new tokens on one cache shared by the rows.
 
-Every row b keeps ``cached[b]`` of its real tokens in the cache (a shared length L, no holes).
-A row's tokens past ``cached[b]`` are *pending*: committed, but their KV was cropped away (or
-never computed: the first decoder block of a seq2seq row). The next block of row b is
-``[pending_b, last_b, drafts_b]`` right-padded to a common width: padding at the END of a block
-is harmless under causal self-attention, and each row's logits are read at its own positions.
+Row b keeps ``cached[b]`` of its real tokens in the cache; its tokens past ``cached[b]`` are
+*pending*: committed, but without KV (the causal prefill stops at the earliest row's last token;
+a seq2seq row's first decoder block). The next block of row b is ``[pending_b, last_b, drafts_b]``
+right-padded to a common width: padding at the END of a block is harmless under causal
+self-attention, and each row's logits are read at its own positions.
+
+Two cache layouts, chosen per target:
+- **ragged** (causal targets that take ``position_ids``): after a block every row keeps the KV of
+  all its committed tokens but the newest, so pending is empty after the first block. A row that
+  accepted fewer tokens than another leaves *holes*: columns masked out by ``kv_mask`` [b,L], which
+  the attention mask carries (as vLLM keeps a length per sequence). Positions come from
+  ``cached``, not from the column. When holes pass half the cache it is compacted.
+- **rectangular** (seq2seq, whose relative position bias reads the column index, and causal targets
+  without ``position_ids``): the cache is cropped to the shortest row; the rest becomes pending.
 Beam search uses the same session: its beams are rows, reordered with :meth:`select`.
 
 Features (only for a drafter with ``hidden_state_layers``; see ``fastspec.drafters.base``): the
@@ -23,7 +32,8 @@ from typing import Optional, Tuple
 import torch
 
 from fastspec import introspect
-from fastspec.cache import cache_kwarg, cache_length, crop_cache, new_cache, select_cache_rows
+from fastspec.cache import (cache_kwarg, cache_length, crop_cache, gather_cache_columns, new_cache, select_cache_rows,
+                            supports_holes)
 from fastspec.engine.inputs import Request
 from fastspec.errors import UserError
 
@@ -59,7 +69,12 @@ class TargetSession:
     """The target's cache for the rows still running ("compact" rows).
 
     rows: [b] original row index of each compact row; cached: [b] real tokens in the cache.
+    kv_mask: [b,L] 1 where a cache column holds a real token of the row (causal targets only).
     """
+
+    # compact a ragged cache once the fullest row's holes pass both of these (amortises the copy)
+    COMPACT_MIN_HOLES = 32
+    COMPACT_HOLE_FRACTION = 1.0  # of that row's cached tokens
 
     def __init__(self, model, request: Request, stopwatch: Stopwatch, feature_layers: Optional[tuple] = None,
                  inplace_cache: bool = True):
@@ -83,10 +98,11 @@ class TargetSession:
         self.takes_positions = "position_ids" in parameters or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
         )
+        self.ragged = not self.is_seq2seq and self.takes_positions and supports_holes(self.cache)
         if self.is_seq2seq:
             self.encoder_mask = request.encoder_inputs.get("attention_mask")  # [B,S] or None (Whisper)
             self.encoder_outputs = self._timed(model.get_encoder(), return_dict=True, **request.encoder_inputs)
-            self.prefix_mask = None
+            self.kv_mask = None
             self.cached = torch.zeros(request.batch, dtype=torch.long, device=self.device)
         else:
             self._prefill(request.prompt, request.prompt_mask)
@@ -110,18 +126,18 @@ class TargetSession:
             raise UserError(f"{type(self.model).__name__} takes no position_ids, so padded batches are unsupported")
         columns = torch.arange(ids.shape[1], device=self.device)
         prefill = int(torch.where(mask.bool(), columns, -1).amax(-1).min())
-        self.prefix_mask = mask[:, :prefill].clone()  # [B,P]
-        self.cached = self.prefix_mask.sum(-1).long()  # [B]
+        self.kv_mask = mask[:, :prefill].clone()  # [B,P]
+        self.cached = self.kv_mask.sum(-1).long()  # [B]
         if prefill > 0:
             kwargs = {"logits_to_keep": 1} if self.keep_logits else {}
             if self.takes_positions:
-                kwargs["position_ids"] = (self.prefix_mask.cumsum(-1) - 1).clamp(min=0)
+                kwargs["position_ids"] = (self.kv_mask.cumsum(-1) - 1).clamp(min=0)
             if self.feature_layers:
                 kwargs["output_hidden_states"] = True
-            out = self._timed(self.model, input_ids=ids[:, :prefill], attention_mask=self.prefix_mask, use_cache=True,
+            out = self._timed(self.model, input_ids=ids[:, :prefill], attention_mask=self.kv_mask, use_cache=True,
                               **{self.cache_kw: self.cache}, **kwargs)
             if self.feature_layers:  # real columns right-aligned: pads first, then the row's tokens in order
-                order = torch.argsort(self.prefix_mask.to(torch.int8), dim=1, stable=True)
+                order = torch.argsort(self.kv_mask.to(torch.int8), dim=1, stable=True)
                 hidden = self._select_layers(out)
                 self.carry = hidden.gather(1, order[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
@@ -165,9 +181,8 @@ class TargetSession:
             if self.encoder_mask is not None:
                 kwargs["attention_mask"] = self.encoder_mask
         else:
-            ones = torch.ones(block.shape[0], self.length - self.prefix_mask.shape[1] + width,
-                              dtype=self.prefix_mask.dtype, device=self.device)
-            kwargs = dict(input_ids=block, attention_mask=torch.cat([self.prefix_mask, ones], dim=1))  # [b,L+W]
+            ones = torch.ones(block.shape[0], width, dtype=self.kv_mask.dtype, device=self.device)
+            kwargs = dict(input_ids=block, attention_mask=torch.cat([self.kv_mask, ones], dim=1))  # [b,L+W]
             if self.takes_positions:
                 kwargs["position_ids"] = self.cached[:, None] + torch.arange(width, device=self.device)  # [b,W]
             if self.keep_logits:
@@ -198,11 +213,29 @@ class TargetSession:
         self.features = block
 
     def advance(self, seq_len: torch.Tensor) -> None:
-        """After a block, keep for every row the KV of all its committed tokens but the newest,
-        cropped to the minimum over rows (the rest becomes pending). seq_len: [b] committed."""
-        keep = int((seq_len - 1 - self.cached).min())
-        crop_cache(self.cache, self.block_start + keep)
-        self.cached = self.cached + keep
+        """After a block, keep for every row the KV of all its committed tokens but the newest: all
+        of them (ragged), or as many as the shortest row has (rectangular; the rest becomes
+        pending). seq_len: [b] committed."""
+        keep = seq_len - 1 - self.cached  # [b] block columns that hold committed tokens
+        width = int(keep.max() if self.ragged else keep.min())
+        crop_cache(self.cache, self.block_start + width)
+        if self.kv_mask is not None:
+            columns = torch.arange(width, device=self.device)
+            kept = (columns < keep[:, None]).to(self.kv_mask.dtype) if self.ragged else self.kv_mask.new_ones(keep.shape[0], width)
+            self.kv_mask = torch.cat([self.kv_mask, kept], dim=1)
+        self.cached = self.cached + (keep if self.ragged else width)
+        if self.ragged:
+            self._compact_if_sparse()
+
+    def _compact_if_sparse(self) -> None:
+        """Move every row's cached columns to the front, in order, once the fullest row's holes
+        outnumber its tokens (bounds attention over the holes; amortised over many steps)."""
+        longest = int(self.cached.max())
+        if self.length - longest <= max(self.COMPACT_HOLE_FRACTION * longest, self.COMPACT_MIN_HOLES):
+            return
+        order = torch.argsort(1 - self.kv_mask.to(torch.int8), dim=1, stable=True)[:, :longest]  # [b,longest]
+        gather_cache_columns(self.cache, order)
+        self.kv_mask = (torch.arange(longest, device=self.device) < self.cached[:, None]).to(self.kv_mask.dtype)
 
     def add_counts(self, metrics) -> None:
         """Add this session's forward counts and times to a GenerationMetrics."""
@@ -225,4 +258,4 @@ class TargetSession:
             if self.encoder_mask is not None:
                 self.encoder_mask = self.encoder_mask[index]
         else:
-            self.prefix_mask = self.prefix_mask[index]
+            self.kv_mask = self.kv_mask[index]
