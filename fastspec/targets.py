@@ -45,19 +45,25 @@ def _gguf_cache_folder(folder: Union[str, Path], gguf_file: str) -> Path:
     except OSError:  # hub name: key on the names
         key = f"{folder}:{gguf_file}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return cache_dir() / f"{Path(gguf_file).stem}-{digest}"
+    # "-fp32": earlier copies were written in the first caller's dtype (bf16 on AMX CPUs) and are not reused
+    return cache_dir() / f"{Path(gguf_file).stem}-{digest}-fp32"
 
 
 def _load_gguf_cached(name_or_path, gguf_file: str, dtype, **placement):
-    """Dequantize a GGUF once, then reload the safetensors copy (identical tensors, seconds not minutes)."""
+    """Dequantize a GGUF once, then reload the safetensors copy (identical tensors, seconds not minutes).
+
+    The copy is always float32 (what dequantization yields), whatever ``dtype`` the caller asked
+    for: a bf16 copy would hand every later float32 caller bf16-rounded weights. ``dtype`` None
+    means float32."""
     from transformers import AutoConfig, AutoTokenizer
 
+    dtype = dtype or torch.float32
     folder = _gguf_cache_folder(name_or_path, gguf_file)
     if (folder / "config.json").exists():
         config = AutoConfig.from_pretrained(folder)
         return _model_class(config).from_pretrained(folder, dtype=dtype, **placement), folder
     config = AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file)
-    model = _model_class(config).from_pretrained(name_or_path, gguf_file=gguf_file, dtype=dtype)
+    model = _model_class(config).from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch.float32)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
         # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
@@ -73,7 +79,9 @@ def _load_gguf_cached(name_or_path, gguf_file: str, dtype, **placement):
             shutil.rmtree(tmp, ignore_errors=True)  # left only if another process won the race
     except OSError:
         pass  # read-only cache dir (or a concurrent writer won): keep the dequantized model anyway
-    return model, folder
+    if placement:  # device_map and the like: load the float32 copy just written, placed
+        return _model_class(config).from_pretrained(folder, dtype=dtype, **placement), folder
+    return model.to(dtype), folder
 
 
 def load_target(

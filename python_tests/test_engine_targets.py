@@ -42,6 +42,23 @@ def _aclsum_prompts(tokenizer, n=3):
     return texts
 
 
+def test_smollm2_cache_is_float32_whoever_writes_it_first(tmp_path, monkeypatch):
+    """The dequantized safetensors copy of the GGUF is float32 even when a bf16 load (the demo's
+    dtype auto on an AMX CPU) writes it, so a later float32 load gets the full-precision weights."""
+    from fastspec.targets import load_smollm2
+
+    monkeypatch.setenv("FASTSPEC_CACHE", str(tmp_path))
+    half, _ = load_smollm2(dtype="bfloat16")  # writes the cache
+    assert next(half.parameters()).dtype == torch.bfloat16
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    full, _ = load_smollm2()  # reads it
+    weight = full.model.layers[0].mlp.down_proj.weight
+    assert weight.dtype == torch.float32
+    assert not torch.equal(weight, weight.bfloat16().float())  # not bf16-rounded
+    assert torch.equal(half.model.layers[0].mlp.down_proj.weight, weight.bfloat16())
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_speculative_equals_hf():
     from fastspec.targets import load_smollm2
