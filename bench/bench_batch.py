@@ -23,20 +23,10 @@ import torch
 
 import fastspec
 from fastspec.data import encode_prompts, load_examples
+from fastspec.distill.teacher import pad_left
 from fastspec.drafters import PromptLookupDrafter
 from fastspec.engine import session as session_module
 from fastspec.targets import load_target_and_tokenizer
-
-
-def left_pad(prompts, pad_id: int):
-    """[B,S] ids and mask, left padded."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
 
 
 @contextlib.contextmanager
@@ -77,7 +67,7 @@ def main() -> None:
         differ = {name: 0 for name in DECODERS}  # batches whose outputs part from AR's (low precision only)
         for _ in range(args.rounds):
             for group in groups:
-                ids, mask = left_pad(group, pad_id)
+                ids, mask = pad_left(group, pad_id)
                 reference = None
                 for name, (make_drafter, context) in DECODERS.items():
                     with context():

@@ -50,9 +50,7 @@ def gather_cache_columns(cache, columns: torch.Tensor) -> None:
         index = columns.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
         keys, values = layer.keys.gather(2, index), layer.values.gather(2, index)
         if isinstance(layer, GrowableLayer):
-            layer._key_buffer[..., : keys.shape[-2], :] = keys
-            layer._value_buffer[..., : values.shape[-2], :] = values
-            layer._view(keys.shape[-2])
+            layer.replace(keys, values)
         else:
             layer.keys, layer.values = keys, values
 
@@ -101,6 +99,12 @@ class GrowableLayer(DynamicLayer):
         """Point keys/values at the buffers' first ``length`` positions."""
         self.keys = self._key_buffer[..., :length, :]
         self.values = self._value_buffer[..., :length, :]
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Make keys/values [B,H,L',D] (L' ≤ capacity) the layer's content, in its buffers."""
+        self._key_buffer[..., : keys.shape[-2], :] = keys
+        self._value_buffer[..., : values.shape[-2], :] = values
+        self._view(keys.shape[-2])
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:

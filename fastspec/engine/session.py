@@ -218,12 +218,12 @@ class TargetSession:
         pending). seq_len: [b] committed."""
         keep = seq_len - 1 - self.cached  # [b] block columns that hold committed tokens
         width = int(keep.max() if self.ragged else keep.min())
+        keep = keep.clamp(max=width)  # rectangular: every row keeps the shortest row's count
         crop_cache(self.cache, self.block_start + width)
         if self.kv_mask is not None:
-            columns = torch.arange(width, device=self.device)
-            kept = (columns < keep[:, None]).to(self.kv_mask.dtype) if self.ragged else self.kv_mask.new_ones(keep.shape[0], width)
-            self.kv_mask = torch.cat([self.kv_mask, kept], dim=1)
-        self.cached = self.cached + (keep if self.ragged else width)
+            kept = torch.arange(width, device=self.device) < keep[:, None]  # [b,width]
+            self.kv_mask = torch.cat([self.kv_mask, kept.to(self.kv_mask.dtype)], dim=1)
+        self.cached = self.cached + keep
         if self.ragged:
             self._compact_if_sparse()
 
