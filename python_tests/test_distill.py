@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from fastspec.distill.losses import divergence, fkl, jsd, masked_cross_entropy, rkl, topk_to_logits, tvd
+from fastspec.distill.losses import (dense_teacher, divergence, fkl, jsd, masked_cross_entropy, rkl,
+                                     sparse_teacher_divergence, topk_to_logits, tvd)
 
 # p = softmax(teacher) = [1/4, 3/4]; q = softmax(student) = [1/2, 1/2]
 TEACHER = torch.tensor([[0.0, math.log(3.0)]])
@@ -101,3 +102,44 @@ def test_topk_reconstruction():
     # full cache (k = V) is exact everywhere
     v, i = logits.topk(20, -1)
     assert torch.allclose(topk_to_logits(v, i, logits.logsumexp(-1), 20), exact, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "tvd"])
+@pytest.mark.parametrize("width,k", [(111, 8), (5675, 32), (20, 20)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_teacher_divergence_equals_the_dense_one(name, width, k, temperature):
+    """The top-k teacher's divergence without the dense [N,V] teacher: same value and same student
+    gradient as divergence() of dense_teacher(), with dropped columns (−1), a mask, k = V (no tail)."""
+    torch.manual_seed(width + k)
+    n = 7
+    logits = torch.randn(n, width) * 3
+    values, cols = logits.topk(k, -1)
+    top_log_p = values - logits.logsumexp(-1, keepdim=True)
+    cols = cols.clone()
+    cols[1, 2] = -1  # a top-k id outside the student's columns: its mass is dropped, as densely
+    cols[4, 0] = -1
+    tail = torch.log((1 - top_log_p.exp().sum(-1)).clamp_min(1e-12) / max(width - k, 1))
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    results = []
+    for sparse in (True, False):
+        student = (torch.randn(n, width, generator=torch.Generator().manual_seed(1)) * 2).requires_grad_()
+        if sparse:
+            loss = sparse_teacher_divergence(name, top_log_p, cols, tail, student, mask, temperature=temperature)
+        else:
+            loss = divergence(name, dense_teacher(top_log_p, cols, tail, width), student, mask, temperature=temperature)
+        loss.backward()
+        results.append((loss.detach(), student.grad))
+    (sparse_loss, sparse_grad), (dense_loss, dense_grad) = results
+    assert sparse_loss.item() > 0
+    torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-3, atol=1e-6)
+
+
+def test_sparse_teacher_divergence_rejects_bad_shapes():
+    top, cols, tail, student = torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.long), torch.zeros(3), torch.zeros(3, 9)
+    with pytest.raises(ValueError, match="top_log_p/top_cols"):
+        sparse_teacher_divergence("fkl", top, cols[:, :2], tail, student)
+    with pytest.raises(ValueError, match="mask must be"):
+        sparse_teacher_divergence("rkl", top, cols, tail, student, torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="temperature"):
+        sparse_teacher_divergence("fkl", top, cols, tail, student, temperature=0.0)

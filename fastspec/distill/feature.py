@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fastspec import introspect
 from fastspec.distill.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from fastspec.distill.losses import DIVERGENCES, divergence
+from fastspec.distill.losses import DIVERGENCES, dense_teacher, sparse_teacher_divergence
 from fastspec.drafters.feature import DEFAULT_LAYERS, FeatureDrafter, FeatureModel
 from fastspec.drafters.shortlist import draft_index
 from fastspec.errors import UserError
@@ -166,18 +166,21 @@ def unrolled_outputs(model: FeatureModel, batch: Batch, steps: int, loss_on_prom
     return results
 
 
-def shortlist_teacher_logits(values, ids, lse, draft_index: torch.Tensor, size: int) -> torch.Tensor:
-    """Teacher log-probs on the shortlist [N,size] from a top-k cache (values/ids [N,k], lse [N]).
-
-    draft_index: [V] target id -> draft id (−1 outside). Ids outside the top k share the tail
-    mass evenly, as in :func:`fastspec.distill.losses.topk_to_logits`.
-    """
+def shortlist_topk_teacher(values, ids, lse, draft_index: torch.Tensor):
+    """A top-k cache (values/ids [N,k], lse [N]) on the shortlist, sparse: (log-probs [N,k], their
+    shortlist columns [N,k], −1 outside, and the tail log-prob [N]). Ids outside the top k share the
+    tail mass evenly, as in :func:`fastspec.distill.losses.topk_to_logits`. draft_index: [V] target
+    id -> draft id (−1 outside)."""
     log_p = values - lse[:, None]  # [N,k]
     vocab, k = draft_index.numel(), values.shape[1]
     tail = torch.log((1.0 - log_p.exp().sum(-1)).clamp_min(1e-12) / max(vocab - k, 1))  # [N]
-    dense = tail[:, None].expand(-1, size + 1).clone()  # column `size` collects ids outside the shortlist
-    slot = draft_index[ids]
-    return dense.scatter(1, torch.where(slot >= 0, slot, size), log_p)[:, :size]
+    return log_p, draft_index[ids], tail
+
+
+def shortlist_teacher_logits(values, ids, lse, draft_index: torch.Tensor, size: int) -> torch.Tensor:
+    """Teacher log-probs on the shortlist [N,size] from a top-k cache (dense
+    :func:`shortlist_topk_teacher`)."""
+    return dense_teacher(*shortlist_topk_teacher(values, ids, lse, draft_index), size)
 
 
 def unrolled_loss(model: FeatureModel, batch: Batch, *, steps: int = 3, decay: float = 0.8, feature_weight: float = 1.0,
@@ -198,10 +201,10 @@ def unrolled_loss(model: FeatureModel, batch: Batch, *, steps: int = 3, decay: f
             per_step.append(out.sum() * 0.0)
             continue
         regression = F.smooth_l1_loss(predicted.float(), target_last[mask].float())
-        teacher = shortlist_teacher_logits(top_values[mask], top_ids[mask], lse[mask], draft_index,
-                                           model.head.out_features)
-        in_short = draft_index[top_ids[mask][:, 0]] >= 0  # target argmax inside the shortlist
-        token = divergence(divergence_name, teacher, model.head(predicted).float(), in_short, temperature=temperature)
+        top_log_p, top_cols, tail = shortlist_topk_teacher(top_values[mask], top_ids[mask], lse[mask], draft_index)
+        in_short = top_cols[:, 0] >= 0  # target argmax inside the shortlist
+        token = sparse_teacher_divergence(divergence_name, top_log_p, top_cols, tail, model.head(predicted).float(),
+                                          in_short, temperature=temperature)
         per_step.append(feature_weight * regression + divergence_weight * token)
     total = sum(w * loss for w, loss in zip(unroll_weights(len(per_step), decay), per_step))
     return total, per_step
