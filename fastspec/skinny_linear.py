@@ -79,6 +79,31 @@ def to_plain(modules) -> None:
             module.__class__ = torch.nn.Linear
 
 
+# Rows of x that share one read of the weights (kSkinnyRowsPerPass in csrc/include/fastspec/skinny_linear.h).
+ROWS_PER_PASS = 8
+# Below this many bytes of float32 linear weights a model's weights stay in the CPU's caches, so
+# another pass over them costs little: the verify-row cap (verify_rows_cap) is for larger models.
+CAP_MIN_WEIGHT_BYTES = 64 << 20
+
+
+def verify_rows_cap(model: torch.nn.Module) -> int:
+    """The engine's default cap on a verify block's rows B·(γ+1) for ``model`` (0 = none).
+
+    ROWS_PER_PASS when its linears run on the kernel (float32, CPU, built) and their weights outgrow
+    the caches: a block of more rows reads every weight again, and batched speculation measured
+    slower than batched autoregressive decoding there (SmolLM2 fp32, γ 4: 0.97× at batch 3, 0.89× at
+    batch 8; at γ 1, batch 3: 1.16×; bench/RESULTS.md). So γ shrinks as the batch grows, and a
+    batch of ≥ ROWS_PER_PASS rows decodes without drafts. No cap elsewhere: bf16 on a CPU with
+    matrix units and CUDA verify wide blocks at little extra cost (bf16 batch 8, γ 4: 1.30×)."""
+    if not available():
+        return 0
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears or any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in linears):
+        return 0
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    return ROWS_PER_PASS if weight_bytes >= CAP_MIN_WEIGHT_BYTES else 0
+
+
 @contextlib.contextmanager
 def skinny_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
     """Run ``model``'s plain ``nn.Linear`` modules as :class:`SkinnyLinear` inside the block; yields

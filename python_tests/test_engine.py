@@ -2,6 +2,8 @@
 row alone, for a FLAN-T5-architecture target (real T5 tokenizer ids, right padding) and a Llama
 target (left padding), with random / oracle / noisy-oracle / γ-bounded drafters, batch 1, 3, 8,
 γ 1..8, with and without EOS."""
+import copy
+
 import pytest
 import torch
 
@@ -349,3 +351,33 @@ def test_reference_verify_gives_the_same_output(targets, monkeypatch):
     monkeypatch.setattr(ops, "_native_op", lambda *args, **kw: None)
     reference = fastspec.generate(model, OracleDrafter(refs, noise=0.3), ids, mask, **kwargs)
     assert torch.equal(native.sequences, reference.sequences)
+
+
+def test_verify_rows_cap_shrinks_gamma_as_the_batch_grows(targets, monkeypatch):
+    """max_verify_rows caps a block's rows B·(γ+1): γ 4 drafts 1 at batch 3 under a cap of 8, none
+    at batch 8 (plain target steps), 2 under a cap of 10; the default cap is 8 for a float32 CPU
+    target on the skinny kernel once its weights outgrow CAP_MIN_WEIGHT_BYTES, none in bf16.
+    Outputs equal HF greedy in every case."""
+    from fastspec import skinny_linear
+    from fastspec.errors import UserError
+
+    model = targets["llama"][0]
+    assert skinny_linear.verify_rows_cap(model) == 0  # a tiny model's weights stay in the caches
+    longest = lambda out: len(out.metrics.position_trials)  # the most drafts in a step
+    assert longest(_run(targets, "llama", "oracle", 3, 4, "none")) == 4
+    monkeypatch.setattr(skinny_linear, "CAP_MIN_WEIGHT_BYTES", 0)
+    if not skinny_linear.available():
+        assert skinny_linear.verify_rows_cap(model) == 0
+        return
+    assert skinny_linear.verify_rows_cap(model) == skinny_linear.ROWS_PER_PASS == 8
+    assert skinny_linear.verify_rows_cap(copy.deepcopy(model).to(torch.bfloat16)) == 0
+    out = _run(targets, "llama", "oracle", 3, 4, "none")  # the default cap: (1 + 1)·3 ≤ 8
+    assert longest(out) == 1 and out.metrics.acceptance_rate == 1.0 and out.metrics.num_draft_tokens > 0
+    out = _run(targets, "llama", "oracle", 8, 4, "none")
+    assert out.metrics.num_draft_tokens == 0 and out.metrics.num_steps == MAX_NEW
+    assert longest(_run(targets, "llama", "oracle", 3, 4, "none", max_verify_rows=10)) == 2
+    assert longest(_run(targets, "llama", "oracle", 3, 4, "none", max_verify_rows=0)) == 4
+    assert longest(_run(targets, "llama", "oracle", 3, 4, "none", skinny_linear=False)) == 4
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(UserError, match="max_verify_rows"):
+            _run(targets, "llama", "oracle", 3, 4, "none", max_verify_rows=bad)

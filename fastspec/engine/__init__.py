@@ -56,9 +56,13 @@ def generate(
             (default True: the target's few-row float32 CPU linears run on
             :func:`fastspec.ops.skinny_linear`; see :mod:`fastspec.skinny_linear`),
             ``grouped_attention`` (default True: grouped-query SDPA over multi-token blocks
-            without copying the KV cache; see :mod:`fastspec.grouped_attention`) and
+            without copying the KV cache; see :mod:`fastspec.grouped_attention`),
             ``inplace_cache`` (default True: the target's KV appends write into spare capacity
-            instead of re-concatenating the cache; see :class:`fastspec.cache.GrowableLayer`).
+            instead of re-concatenating the cache; see :class:`fastspec.cache.GrowableLayer`) and
+            ``max_verify_rows`` (a cap on the verify block's rows B·(γ+1): γ shrinks to fit and a
+            batch of that many rows decodes without drafts; 0 = no cap; default: 8 for float32
+            CPU targets on the skinny kernel whose weights outgrow the caches, else none; see
+            :func:`fastspec.skinny_linear.verify_rows_cap`).
 
     Returns:
         GenerateOutput(sequences [B·n, T] like HF generate(), metrics).

@@ -16,10 +16,11 @@ import torch
 from fastspec import introspect
 from fastspec.drafters.base import SamplingParams
 from fastspec.errors import UserError
+from fastspec.skinny_linear import verify_rows_cap
 
 # Engine options that are not GenerationConfig attributes.
 ENGINE_OPTIONS = ("seed", "dynamic_gamma", "min_gamma", "max_gamma", "sync_timing", "skinny_linear",
-                  "grouped_attention", "inplace_cache")
+                  "grouped_attention", "inplace_cache", "max_verify_rows")
 
 # GenerationConfig attributes we cannot honour, with the values that mean "off".
 _UNSUPPORTED_DEFAULTS = {
@@ -147,6 +148,8 @@ class Settings:
     skinny_linear: bool = True  # the target's few-row fp32 CPU linears on fastspec.ops.skinny_linear
     grouped_attention: bool = True  # grouped-query SDPA blocks without copying the KV cache (fastspec.grouped_attention)
     inplace_cache: bool = True  # the target's KV appends write in place (fastspec.cache.GrowableLayer)
+    # cap on a verify block's rows B·(γ+1); γ shrinks to fit, 0 drafts when B reaches it (0 = no cap)
+    max_verify_rows: int = 0
     # HF's mask-type processors (DESIGN §9), applied at every verified position
     no_repeat_ngram_size: int = 0
     bad_words_ids: Tuple[Tuple[int, ...], ...] = ()
@@ -240,6 +243,16 @@ def _gammas(drafter, gamma, options) -> dict:
     return dict(gamma=gamma, dynamic_gamma=True, min_gamma=min_gamma, max_gamma=max_gamma)
 
 
+def _max_verify_rows(model, drafter, options) -> int:
+    value = options.get("max_verify_rows")
+    if value is None:  # the default: a cap where wider blocks cost another read of the weights
+        skinny = bool(options.get("skinny_linear", True))
+        return verify_rows_cap(model) if drafter is not None and skinny else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"max_verify_rows must be an int >= 0 (0 = no cap), got {value!r}")
+    return value
+
+
 def validate_settings(model, drafter, gamma: int, config, options, prompt_width: int) -> Settings:
     """The validated settings of one call; ``prompt_width`` [P] is the decoder/causal prompt width."""
     vocab = introspect.vocab_size(model)
@@ -291,6 +304,7 @@ def validate_settings(model, drafter, gamma: int, config, options, prompt_width:
         skinny_linear=bool(options.get("skinny_linear", True)),
         grouped_attention=bool(options.get("grouped_attention", True)),
         inplace_cache=bool(options.get("inplace_cache", True)),
+        max_verify_rows=_max_verify_rows(model, drafter, options),
         **_gammas(drafter, gamma, options),
         **_processor_settings(config, eos, vocab),
     )

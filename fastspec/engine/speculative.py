@@ -155,6 +155,16 @@ def adapt_gamma(gamma: int, drafted: int, num_accepted: torch.Tensor, settings: 
     return gamma
 
 
+def draft_length(gamma: int, rows: Rows, active: torch.Tensor, settings: Settings) -> int:
+    """Tokens to draft this step: γ, but never past what a running row may still emit (the last
+    emitted token is the target's), and within ``max_verify_rows`` rows of verify block (0 = plain
+    target step). active: [b] running rows."""
+    length = min(gamma, int((settings.max_new_tokens - rows.num_generated[active]).max()) - 1)
+    if settings.max_verify_rows:
+        length = min(length, settings.max_verify_rows // active.numel() - 1)
+    return length
+
+
 def draft_request(request, model, settings: Settings, generator, start_id: int, session) -> DraftRequest:
     """What the drafter learns once; ``start_id`` is the seq2seq rows' first decoder token."""
     seq2seq = introspect.is_encoder_decoder(model)
@@ -197,8 +207,7 @@ def speculative_decode(model, drafter, request, settings: Settings, metrics: Gen
     try:
         while session.rows.numel() > 0:
             active = session.rows  # [b] original indices of running rows
-            # never draft past what a running row may still emit (the last emitted token is the target's)
-            step_gamma = min(gamma, int((settings.max_new_tokens - rows.num_generated[active]).max()) - 1)
+            step_gamma = draft_length(gamma, rows, active, settings)
             if drafter is not None and step_gamma > 0:
                 drafts, draft_probs = draft_step(clock, rows, active, step_gamma, vocab, settings.sampling.do_sample)
             else:
