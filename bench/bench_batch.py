@@ -3,9 +3,9 @@
 and round, every output asserted identical to AR's.
 
 Decoders: fastspec AR (γ 0), prompt lookup on the ragged cache (each row keeps all its committed
-tokens, holes masked: the default), and prompt lookup on the rectangular cache the engine used
-before (cropped to the shortest row, the rest re-fed), selected here by patching
-``fastspec.engine.session.supports_holes``.
+tokens, holes masked: the default) with and without the default row cap ``max_verify_rows``, and
+prompt lookup on the rectangular cache the engine used before (cropped to the shortest row, the
+rest re-fed), selected here by patching ``fastspec.engine.session.supports_holes``.
 
 Run::
 
@@ -35,10 +35,15 @@ def rectangular_cache():
         yield
 
 
+# name -> (drafter factory, context, engine options); the default row cap (max_verify_rows, fp32
+# only) shrinks γ with the batch, so the ragged cache also runs without it
 DECODERS = {
-    "AR": (lambda: None, contextlib.nullcontext),
-    "prompt lookup, ragged cache": (lambda: PromptLookupDrafter(max_n=3), contextlib.nullcontext),
-    "prompt lookup, rectangular cache": (lambda: PromptLookupDrafter(max_n=3), rectangular_cache),
+    "AR": (lambda: None, contextlib.nullcontext, {}),
+    "prompt lookup, ragged cache (default row cap)": (lambda: PromptLookupDrafter(max_n=3), contextlib.nullcontext, {}),
+    "prompt lookup, ragged cache, no row cap": (lambda: PromptLookupDrafter(max_n=3), contextlib.nullcontext,
+                                                {"max_verify_rows": 0}),
+    "prompt lookup, rectangular cache, no row cap": (lambda: PromptLookupDrafter(max_n=3), rectangular_cache,
+                                                     {"max_verify_rows": 0}),
 }
 
 
@@ -69,11 +74,11 @@ def main() -> None:
             for group in groups:
                 ids, mask = pad_left(group, pad_id)
                 reference = None
-                for name, (make_drafter, context) in DECODERS.items():
+                for name, (make_drafter, context, options) in DECODERS.items():
                     with context():
                         start = time.perf_counter()
                         out = fastspec.generate(target, make_drafter(), ids, mask, gamma=args.gamma,
-                                                max_new_tokens=args.max_new_tokens, do_sample=False)
+                                                max_new_tokens=args.max_new_tokens, do_sample=False, **options)
                         seconds[name].append(time.perf_counter() - start)
                     tokens[name] += out.metrics.num_generated_tokens
                     calls[name] += out.metrics.target_calls
