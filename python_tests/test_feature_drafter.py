@@ -155,7 +155,31 @@ def test_ragged_rollback_matches_fresh_drafter(small_llama, layers):
         new = [out.tokens[b, :a].tolist() + [bonus[b]] for b, a in enumerate(accepted)]
         drafter.commit(feeder.commit(new))
     _, fresh = _fresh_draft(drafter.model, feeder, 1)
-    torch.testing.assert_close(drafter._last, fresh._last, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(drafter.last_feature(), fresh.last_feature(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target_name", ["llama", "t5"])
+def test_commits_without_a_draft_run_the_layer_once_at_the_next_draft(small_llama, tiny_t5, target_name):
+    """Commits only queue their features (a hybrid's fallback drafts on a minority of steps); the
+    next draft runs all of them, each row's ragged chunks in order, in one layer pass, and drafts
+    what a drafter fed the same history in one commit drafts."""
+    target = small_llama if target_name == "llama" else tiny_t5
+    sources = [[21603, 10, 8774, 296, 1], [100, 200, 1], [5, 6, 7, 8, 9, 10, 11, 1]] if target_name == "t5" else None
+    drafter = FeatureDrafter.from_target(target, shortlist=torch.arange(3, 90))
+    feeder = _feeder(target, (-1,), sources=sources)
+    drafter.begin(feeder.request())
+    passes = []
+    run_layer = drafter.model.run_layer
+    drafter.model.run_layer = lambda *a, **k: passes.append(a[0].shape[1]) or run_layer(*a, **k)
+    for new in ([[7], [8], [9]], [[10, 11], [12], [13, 14, 15]], [[16], [17, 18, 19, 20], [21]]):
+        drafter.commit(feeder.commit(new))
+    assert passes == []
+    out = drafter.draft(_step(3, 3))
+    assert passes[0] == max(feeder.handed)  # every row's features since begin, in one block
+    assert len(passes) == 1 + 2  # the queued features in one pass, then γ − 1 draft passes
+    expected, fresh = _fresh_draft(drafter.model, feeder, 3)
+    assert torch.equal(out.tokens, expected.tokens)
+    torch.testing.assert_close(drafter.last_feature(), fresh.last_feature(), rtol=1e-4, atol=1e-4)
 
 
 def test_sampled_q_is_full_vocab_and_zero_outside_shortlist(small_llama):
@@ -198,7 +222,7 @@ def test_t5_drafter_cross_attends_and_rolls_back(tiny_t5):
     fresh = FeatureDrafter(drafter.model)
     fresh.begin(other.request())
     fresh.commit(other.commit([[150], [151], [152]]))
-    assert not torch.allclose(fresh._last, _first_last(drafter.model, tiny_t5, sources), atol=1e-3)
+    assert not torch.allclose(fresh.last_feature(), _first_last(drafter.model, tiny_t5, sources), atol=1e-3)
 
 
 def _first_last(model, target, sources):
@@ -206,7 +230,7 @@ def _first_last(model, target, sources):
     drafter = FeatureDrafter(model)
     drafter.begin(feeder.request())
     drafter.commit(feeder.commit([[150], [151], [152]]))
-    return drafter._last
+    return drafter.last_feature()
 
 
 def test_save_load_round_trip_and_target_mismatch(small_llama, tmp_path):
@@ -256,8 +280,8 @@ def test_unrolled_training_matches_inference_drafting(small_llama):
     info.hidden_states, info.num_hidden = data.sequences[0].features[None, : n - 1].float(), torch.tensor([n - 1])
     drafter.commit(info)
     with torch.no_grad():
-        torch.testing.assert_close(drafter._last[0], passes[0][0][0, n - 2], rtol=1e-4, atol=1e-4)
-        feature = drafter._last
+        torch.testing.assert_close(drafter.last_feature()[0], passes[0][0][0, n - 2], rtol=1e-4, atol=1e-4)
+        feature = drafter.last_feature()
         for s in (1, 2):
             x = drafter.model.step_input(feature[:, None], torch.tensor([[seq[n - 1 + s]]]))
             feature = drafter._forward(x, torch.tensor([[n - 2 + s]]))[:, 0]

@@ -334,9 +334,12 @@ class FeatureDrafter(Drafter):
         self._cross = DynamicCache() if model.arch == "t5" else None
         self._slot_pos = torch.zeros(batch, 0, dtype=torch.long, device=self._device)  # [B,W], -1 = empty
         self._drafted = 0  # draft slots at the end of the cache
+        self._pending = []  # (features [B,K,H'], count [B]) handed by commits, not yet run
+        self._num_pending = torch.zeros(batch, dtype=torch.long, device=self._device)
 
     def end(self) -> None:
         self._kv = self._cross = self._encoder = self._seq = None
+        self._pending = []
         super().end()
 
     def _forward(self, x: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
@@ -359,6 +362,7 @@ class FeatureDrafter(Drafter):
         """Up to γ tokens per row: argmax over the shortlist (greedy) or sampled from q (returned)."""
         batch, gamma = self._len.shape[0], int(step.gamma)
         active = step.active.to(self._device).bool()
+        self._run_pending()
         if gamma == 0 or not bool((self._ready() | ~active).all()):
             return DraftOutput(tokens=torch.zeros(batch, 0, dtype=torch.long, device=self._device))
         sampling = self.request.sampling if self.request.sampling.do_sample else None
@@ -407,7 +411,10 @@ class FeatureDrafter(Drafter):
         return torch.multinomial(q, 1, generator=self.request.generator)[:, 0], q
 
     def commit(self, info: CommitInfo) -> None:
-        """Drop the draft slots, append the committed tokens, run the newly handed real features."""
+        """Drop the draft slots, append the committed tokens, and keep the newly handed real
+        features for the next draft. Running them through the layer waits until then: one pass
+        reads the drafter's weights once for all commits since the last draft (a hybrid's fallback
+        drafts on a minority of steps, and inside decoding the weights come from memory each pass)."""
         if self._drafted:
             width = self._slot_pos.shape[1] - self._drafted
             self._kv.truncate(width)
@@ -419,22 +426,48 @@ class FeatureDrafter(Drafter):
             raise UserError("FeatureDrafter needs an engine that passes CommitInfo.hidden_states/num_hidden "
                             f"(it asks for hidden_state_layers={self.hidden_state_layers})")
         num_hidden = num_hidden.to(self._device).long()  # [B]
-        width = int(num_hidden.max()) if num_hidden.numel() else 0
-        if width == 0:
-            return
-        columns = torch.arange(width, device=self._device)
-        valid = columns[None, :] < num_hidden[:, None]  # [B,K]
-        positions = self._num_feat[:, None] + columns  # [B,K]
-        if bool((self._num_feat + num_hidden > self._len - 1).any()):
+        if bool((self._num_feat + self._num_pending + num_hidden > self._len - 1).any()):
             raise ValueError("CommitInfo.num_hidden hands features past each row's second-to-last token")
+        width = int(num_hidden.max()) if num_hidden.numel() else 0
+        if width:
+            self._pending.append((hidden[:, :width].to(self._device), num_hidden))
+            self._num_pending = self._num_pending + num_hidden
+
+    def last_feature(self) -> torch.Tensor:
+        """[B,h] the predicted feature f̂ of each row's last token (after the features committed
+        since the last draft have run)."""
+        self._run_pending()
+        return self._last
+
+    def _run_pending(self) -> None:
+        """Run the features handed since the last draft through the layer, each row's in order."""
+        if not self._pending:
+            return
+        total = self._num_pending  # [B]
+        width = int(total.max())
+        columns = torch.arange(width, device=self._device)
+        if len(self._pending) == 1:
+            hidden = self._pending[0][0]
+        else:  # each row's chunks, left-aligned one after another
+            first = self._pending[0][0]
+            hidden = first.new_zeros((first.shape[0], width) + tuple(first.shape[2:]))
+            offset = torch.zeros_like(total)
+            for chunk, num in self._pending:
+                cols = torch.arange(chunk.shape[1], device=self._device)
+                rows, taken = (cols[None, :] < num[:, None]).nonzero(as_tuple=True)
+                hidden[rows, offset[rows] + taken] = chunk[rows, taken]
+                offset = offset + num
+        self._pending, self._num_pending = [], torch.zeros_like(total)
+        valid = columns[None, :] < total[:, None]  # [B,K]
+        positions = self._num_feat[:, None] + columns  # [B,K]
         next_ids = self._seq.gather(1, torch.where(valid, positions + 1, 0))  # [B,K] token i+1
         with torch.no_grad():
-            g = self.model.fuse_features(hidden[:, :width].to(self._device))  # [B,K,h]
+            g = self.model.fuse_features(hidden)  # [B,K,h]
             out = self._forward(self.model.step_input(g, next_ids), torch.where(valid, positions, -1))
-        got = num_hidden > 0
-        last = out[torch.arange(out.shape[0], device=self._device), (num_hidden - 1).clamp(min=0)]  # [B,h]
+        got = total > 0
+        last = out[torch.arange(out.shape[0], device=self._device), (total - 1).clamp(min=0)]  # [B,h]
         self._last = torch.where(got[:, None], last, self._last)
-        self._num_feat += num_hidden
+        self._num_feat += total
         self._compact()
 
     def _append_tokens(self, info: CommitInfo) -> None:
