@@ -12,8 +12,8 @@ import torch
 
 import fastspec
 from fastspec import ops
-from fastspec.distill.feature import shortlist_teacher_logits
-from fastspec.distill.losses import divergence, topk_to_logits
+from fastspec.distill.feature import shortlist_topk_teacher
+from fastspec.distill.losses import dense_teacher, divergence, sparse_teacher_divergence, topk_to_logits
 from fastspec.distill.students import HeadShortlist, NeuralStudent, label_shortlist
 from fastspec.distill.trainer import TrainConfig, fit_neural_drafter, train_drafter
 from fastspec.drafters import CNNDrafter, LSTMDrafter
@@ -173,7 +173,7 @@ def _outside_mask(ids, vocab):
 
 
 def test_cached_teacher_on_the_shortlist_equals_the_online_one():
-    """The top-k cache with k = V restricted by shortlist_teacher_logits gives the same divergences as
+    """The top-k cache with k = V restricted by shortlist_topk_teacher gives the same divergences as
     the dense online logits restricted to the shortlist; with k < V, the dense cache restricted."""
     torch.manual_seed(0)
     vocab, n = 60, 17
@@ -183,14 +183,18 @@ def test_cached_teacher_on_the_shortlist_equals_the_online_one():
     online, _ = view.teacher(logits)
     for k in (vocab, 8):
         values, top = logits.topk(k, -1)
-        cached, inside = view.teacher_topk(values, top, logits.logsumexp(-1))
+        top_log_p, cols, tail = view.teacher_topk_sparse(values, top, logits.logsumexp(-1))
+        cached, inside = dense_teacher(top_log_p, cols, tail, view.size), cols[:, 0] >= 0
         dense = topk_to_logits(values, top, logits.logsumexp(-1), vocab)[:, model.shortlist_ids]
         torch.testing.assert_close(cached, dense)
         assert torch.equal(inside, draft_index(model.shortlist_ids, vocab)[top[:, 0]] >= 0)
+        for name in ("fkl", "rkl", "jsd", "tvd"):  # the trainer's sparse path equals the dense one
+            torch.testing.assert_close(sparse_teacher_divergence(name, top_log_p, cols, tail, student),
+                                       divergence(name, cached, student))
         if k == vocab:
             for name in ("fkl", "rkl", "jsd", "tvd"):
                 torch.testing.assert_close(divergence(name, cached, student), divergence(name, online, student))
-    assert shortlist_teacher_logits is not None  # the one implementation, shared with the feature drafter
+    assert shortlist_topk_teacher is not None  # the one implementation, shared with the feature drafter
 
 
 # --------------------------------------------------------------------------- engine: lossless

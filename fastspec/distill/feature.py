@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fastspec import introspect
 from fastspec.distill.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from fastspec.distill.losses import DIVERGENCES, dense_teacher, sparse_teacher_divergence
+from fastspec.distill.losses import DIVERGENCES, sparse_teacher_divergence
 from fastspec.drafters.feature import DEFAULT_LAYERS, FeatureDrafter, FeatureModel
 from fastspec.drafters.shortlist import draft_index
 from fastspec.errors import UserError
@@ -175,12 +175,6 @@ def shortlist_topk_teacher(values, ids, lse, draft_index: torch.Tensor):
     vocab, k = draft_index.numel(), values.shape[1]
     tail = torch.log((1.0 - log_p.exp().sum(-1)).clamp_min(1e-12) / max(vocab - k, 1))  # [N]
     return log_p, draft_index[ids], tail
-
-
-def shortlist_teacher_logits(values, ids, lse, draft_index: torch.Tensor, size: int) -> torch.Tensor:
-    """Teacher log-probs on the shortlist [N,size] from a top-k cache (dense
-    :func:`shortlist_topk_teacher`)."""
-    return dense_teacher(*shortlist_topk_teacher(values, ids, lse, draft_index), size)
 
 
 def unrolled_loss(model: FeatureModel, batch: Batch, *, steps: int = 3, decay: float = 0.8, feature_weight: float = 1.0,

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from fastspec import drafters, introspect
-from fastspec.distill.feature import shortlist_teacher_logits
+from fastspec.distill.feature import shortlist_topk_teacher
 from fastspec.distill.feature_data import build_shortlist
 from fastspec.distill.pseudo import strip_output
 from fastspec.distill.teacher import pad_left, pad_right, teacher_forced_logits
@@ -220,12 +220,11 @@ class HeadShortlist:
         inside = self._index(logits.device)[logits.argmax(-1)] >= 0
         return logits.index_select(-1, self.model.shortlist_ids.to(logits.device)), inside
 
-    def teacher_topk(self, values: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor):
-        """A top-k cache (values/ids [T,k], lse [T]) -> (log-probs on the shortlist [T,N], argmax inside [T])."""
-        index = self._index(values.device)
-        ids = ids.long()
-        short = shortlist_teacher_logits(values.float(), ids, lse.float(), index, self.size)
-        return short, index[ids[:, 0]] >= 0 if ids.shape[1] else torch.zeros_like(lse, dtype=torch.bool)
+    def teacher_topk_sparse(self, values: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor):
+        """A top-k cache (values/ids [T,k], lse [T]) on the head, sparse: (log-probs [T,k], head
+        columns [T,k] with −1 outside the shortlist, tail log-prob [T]) for
+        ``sparse_teacher_divergence`` (``dense_teacher`` of it is the dense [T,N] teacher)."""
+        return shortlist_topk_teacher(values.float(), ids.long(), lse.float(), self._index(values.device))
 
 
 DEFAULT_SHORTLIST = 8192  # drafter_options["shortlist"] when absent (0 = a full head)

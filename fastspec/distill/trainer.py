@@ -32,7 +32,7 @@ import torch
 from fastspec import engine, introspect
 from fastspec.distill.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastspec.distill.distributed import DistInfo
-from fastspec.distill.losses import DIVERGENCES, divergence, masked_cross_entropy
+from fastspec.distill.losses import DIVERGENCES, divergence, masked_cross_entropy, sparse_teacher_divergence
 from fastspec.distill.pseudo import load_topk_cache, load_topk_logits
 from fastspec.distill.students import (
     DEFAULT_SHORTLIST, NEURAL_CLASSES, SHORTLISTED_KINDS, NeuralStudent, TrainingError, build_student, label_shortlist,
@@ -233,20 +233,24 @@ class Trainer:
         teacher argmax is outside the shortlist are masked), and the mask [B,T]."""
         c, vocab = self.config, self.student.vocab_size
         short = getattr(self.student, "shortlist", None)
-        if c.teacher_logits == "cache" and c.distill_method != "on_policy":
-            if short is None:
-                dense = [(load_topk_logits(self.pseudo_dir, it.record, vocab), None) for it in rows]
-            else:
-                dense = [short.teacher_topk(*load_topk_cache(self.pseudo_dir, it.record, vocab)) for it in rows]
-            T = max([d.shape[0] for d, _ in dense] + [1])
-            out = torch.zeros(len(dense), T, vocab if short is None else short.size)
-            inside = torch.ones(len(dense), T, dtype=torch.bool)
-            for b, (d, keep) in enumerate(dense):
-                out[b, : d.shape[0]] = d
-                if keep is not None:
-                    inside[b, : d.shape[0]] = keep
+        if c.teacher_logits == "cache" and c.distill_method != "on_policy" and short is not None:
+            # sparse: (log-probs [B,T,k], head columns [B,T,k], tail [B,T]); the divergence never
+            # builds the dense [B,T,N] teacher (sparse_teacher_divergence)
+            parts = [short.teacher_topk_sparse(*load_topk_cache(self.pseudo_dir, it.record, vocab)) for it in rows]
+            T, k = max([p[0].shape[0] for p in parts] + [1]), parts[0][0].shape[1]
+            top, cols, tail = torch.zeros(len(parts), T, k), torch.full((len(parts), T, k), -1), torch.zeros(len(parts), T)
+            for b, (log_p, col, tail_p) in enumerate(parts):
+                top[b, : log_p.shape[0]], cols[b, : log_p.shape[0]], tail[b, : log_p.shape[0]] = log_p, col, tail_p
             _, mask = pad_right(outputs, 0, self.device)
-            return out.to(self.device), mask.bool() & inside[:, : mask.shape[1]].to(self.device)
+            inside = cols[:, : mask.shape[1], 0] >= 0  # the target's argmax is on the shortlist
+            return tuple(t.to(self.device) for t in (top, cols, tail)), mask.bool() & inside.to(self.device)
+        if c.teacher_logits == "cache" and c.distill_method != "on_policy":
+            dense = [load_topk_logits(self.pseudo_dir, it.record, vocab) for it in rows]
+            out = torch.zeros(len(dense), max([d.shape[0] for d in dense] + [1]), vocab)
+            for b, d in enumerate(dense):
+                out[b, : d.shape[0]] = d
+            _, mask = pad_right(outputs, 0, self.device)
+            return out.to(self.device), mask.bool()
         with torch.no_grad(), self._autocast():
             logits, mask = teacher_forced_logits(self.teacher, sources, outputs, device=self.device)
         if short is None:
@@ -293,8 +297,13 @@ class Trainer:
                 with self._autocast():
                     logits, mask = self.student.logits(self.module, sources, outputs, self.device)
                 mask = mask & t_mask[:, : mask.shape[1]]
-                teacher = teacher[:, : logits.shape[1]]
-                parts["kd"] = divergence(name, teacher.flatten(0, 1), logits.flatten(0, 1), mask.flatten(), c.kd_temp)
+                if isinstance(teacher, tuple):  # a sparse top-k teacher on a shortlisted head
+                    top, cols, tail = (t[:, : logits.shape[1]] for t in teacher)
+                    parts["kd"] = sparse_teacher_divergence(name, top.flatten(0, 1), cols.flatten(0, 1), tail.flatten(),
+                                                            logits.flatten(0, 1), mask.flatten(), c.kd_temp)
+                else:
+                    teacher = teacher[:, : logits.shape[1]]
+                    parts["kd"] = divergence(name, teacher.flatten(0, 1), logits.flatten(0, 1), mask.flatten(), c.kd_temp)
             tokens += int(mask.sum())
         total = c.loss * parts["ce"] + c.kd_loss * parts["kd"]
         return total, parts, tokens
